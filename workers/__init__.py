@@ -1,0 +1,1 @@
+"""RQ job functions and worker entry points (thin: load spec, call ``service``, report)."""
