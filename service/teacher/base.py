@@ -50,7 +50,7 @@ class TeacherEngine(ABC):
     ) -> list[Generation]:
         """Completions for ``requests``, in input order."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for most engines
         """Free what the engine holds (a vLLM engine is freed by ending its process)."""
 
 
