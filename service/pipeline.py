@@ -1,0 +1,196 @@
+"""The whole method in one call: prune ∥ distill → finetune → evaluate.
+
+    distillery run --model builtin:smollm2-135m-instruct --dataset rows.jsonl --blocks 6 --out runs/demo
+
+Each step writes its output under ``out`` and is skipped when that output is already
+complete, so rerunning the same command after an interruption resumes (distillation and
+fine-tuning also resume inside their step). ``out/summary.json`` holds the table that
+``print_table`` prints: accuracy of the baseline, pruned and recovered models and the
+retention (model acc / baseline acc) per task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from service.errors import SpecError
+from service.progress import Reporter
+from service.specs import DistillSpec, EvaluateSpec, FinetuneSpec, PipelineSpec, PruneSpec
+
+
+def step_specs(spec: PipelineSpec, out: Path) -> dict:
+    """The child specs of a pipeline; the service builds its RQ jobs from the same."""
+    pruned, distilled, recovered = out / "pruned", out / "distilled.jsonl", out / "recovered"
+    return {
+        "prune": PruneSpec(
+            model=spec.model,
+            calibration=spec.calibration or spec.dataset,
+            blocks=spec.blocks,
+            metric=spec.metric,
+            samples=spec.samples,
+            seed=spec.seed,
+        ),
+        "distill": DistillSpec(
+            teacher=spec.model,
+            dataset=spec.dataset,
+            template=spec.template,
+            limit=spec.limit,
+            max_new_tokens=spec.max_new_tokens,
+            seed=spec.seed,
+        ),
+        "finetune": FinetuneSpec(
+            model=str(pruned),
+            dataset=str(distilled),
+            lora_rank=spec.lora_rank,
+            lora_alpha=spec.lora_alpha,
+            lr=spec.lr,
+            epochs=spec.epochs,
+            seed=spec.seed,
+        ),
+        "evaluate": {
+            name: EvaluateSpec(model=ref, tasks=spec.tasks, limit=spec.eval_limit)
+            for name, ref in (
+                ("baseline", spec.model),
+                ("pruned", str(pruned)),
+                ("recovered", str(recovered)),
+            )
+        },
+    }
+
+
+def retention(model_eval: dict, baseline_eval: dict) -> dict:
+    """Per-task model acc / baseline acc, and their mean (tasks with baseline acc 0 are skipped)."""
+    per_task = {}
+    for task, res in model_eval["tasks"].items():
+        base = baseline_eval["tasks"].get(task, {}).get("acc")
+        if base:
+            per_task[task] = res["acc"] / base
+    mean = sum(per_task.values()) / len(per_task) if per_task else None
+    return {"tasks": per_task, "mean": mean}
+
+
+def _load_or(path: Path, make) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return make()
+
+
+def run_pipeline(
+    spec: PipelineSpec, out: Path, reporter: Reporter | None = None, data_dir: Path | None = None
+) -> dict:
+    from service.distill import run_distill
+    from service.evaluate import run_evaluate
+    from service.finetune import run_finetune
+    from service.prune import run_prune
+
+    reporter = reporter or Reporter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec_file = out / "pipeline_spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != spec.model_dump(mode="json"):
+        raise SpecError(f"{out} holds a run of another spec; use a new --out")
+    spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    steps = step_specs(spec, out)
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t0 = time.monotonic()
+        reporter.event(f"step {name}")
+        result = fn()
+        times[name] = round(time.monotonic() - t0, 1)
+        return result
+
+    prune = timed(
+        "prune",
+        lambda: _load_or(
+            out / "pruned" / "prune_report.json",
+            lambda: run_prune(steps["prune"], out / "pruned", reporter),
+        ),
+    )
+    distill = timed(
+        "distill",
+        lambda: _load_or(
+            out / "distill_summary.json",
+            lambda: _save(
+                out / "distill_summary.json",
+                run_distill(steps["distill"], out / "distilled.jsonl", reporter),
+            ),
+        ),
+    )
+    finetune = timed(
+        "finetune",
+        lambda: _load_or(
+            out / "recovered" / "train_log.json",
+            lambda: run_finetune(steps["finetune"], out / "recovered", reporter, resume=True),
+        ),
+    )
+    evals = {}
+    for name, espec in steps["evaluate"].items():
+        path = out / f"eval_{name}.json"
+        evals[name] = timed(
+            f"evaluate {name}",
+            lambda espec=espec, path=path: _load_or(
+                path, lambda: run_evaluate(espec, path, reporter, data_dir=data_dir)
+            ),
+        )
+    summary = {
+        "spec": spec.model_dump(mode="json"),
+        "removed_layers": prune["removed_layers"],
+        "layers": [prune["num_layers_before"], prune["num_layers_after"]],
+        "distill": {k: distill.get(k) for k in ("rows", "distilled_fraction", "tokens_per_s")},
+        "finetune": {k: finetune.get(k) for k in ("final_loss", "tokens_per_s", "rows")},
+        "eval": {
+            name: {
+                "tasks": {t: r["acc"] for t, r in e["tasks"].items()},
+                "stderr": {t: r.get("acc_stderr") for t, r in e["tasks"].items()},
+                "average": e.get("average"),
+                "retention": retention(e, evals["baseline"])["mean"],
+            }
+            for name, e in evals.items()
+        },
+        "seconds": times,
+    }
+    _save(out / "summary.json", summary)
+    return summary
+
+
+def _save(path: Path, obj: dict) -> dict:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+    return obj
+
+
+def format_table(summary: dict) -> str:
+    """Markdown table: accuracy per task (± stderr), average and retention per model."""
+    evals = summary["eval"]
+    tasks = list(next(iter(evals.values()))["tasks"])
+    head = "| model | " + " | ".join(tasks) + " | average | retention |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    for name, e in evals.items():
+        cells = []
+        for t in tasks:
+            se = e["stderr"].get(t)
+            cells.append(f"{e['tasks'][t]:.3f}" + (f" ± {se:.3f}" if se else ""))
+        ret = e["retention"]
+        avg = e["average"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {avg:.3f} | "
+            + (f"{100 * ret:.1f}%" if ret is not None else "-")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def print_table(summary: dict) -> None:
+    before, after = summary["layers"]
+    print(f"\nremoved layers {summary['removed_layers']} ({before} -> {after} blocks)")
+    d = summary["distill"]
+    if d.get("distilled_fraction") is not None:
+        print(f"distilled {d['rows']} rows, {100 * d['distilled_fraction']:.0f}% rewritten")
+    print(format_table(summary))
+    print("step seconds: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
