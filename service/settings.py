@@ -33,6 +33,21 @@ class Settings(BaseSettings):
         "default ../shared/data beside the project when present.",
     )
 
+    job_timeout: float = Field(
+        default=86_400,
+        description="Seconds a job may run before it is stopped (0 = no limit). Teacher jobs "
+        "stop at their next batch, so the worker keeps its loaded engine.",
+    )
+    max_upload_mb: float = Field(
+        default=512, gt=0, description="Largest dataset upload the API accepts, in MiB (413 above)."
+    )
+    cancel_grace: float = Field(
+        default=15,
+        ge=0,
+        description="Seconds a cancelled trainer job gets to stop at its next step before "
+        "its child process is terminated.",
+    )
+
     def home_dir(self) -> Path:
         path = self.home.expanduser()
         path.mkdir(parents=True, exist_ok=True)
