@@ -106,6 +106,25 @@ class EvaluateSpec(Spec):
     )
     limit: int | None = Field(None, ge=1, description="First K documents of each task.")
     batch_size: int = Field(16, ge=1, le=1024, description="Evaluation batch size.")
+    # Teacher agreement and speculative decoding (service/agreement.py, speculative.py).
+    teacher: Ref | None = Field(
+        None,
+        description="Unpruned teacher: adds agreement (token KL, top-1, embedding cosine) "
+        "and speculative-decoding acceptance with the model as its draft.",
+    )
+    agreement_dataset: Ref | None = Field(
+        None,
+        description="Held-out prompts for agreement (default: GSM8K test questions from "
+        "the data dir, else a built-in list).",
+    )
+    agreement_prompts: int = Field(64, ge=1, le=10_000, description="Prompts for agreement.")
+    agreement_max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="Teacher's greedy continuation per prompt, in tokens."
+    )
+    draft_k: int = Field(5, ge=1, le=64, description="Tokens the draft proposes per round.")
+    speedup_prompts: int = Field(
+        4, ge=0, le=1000, description="Prompts to time assisted generation on (0: skip)."
+    )
 
 
 class MergeSpec(Spec):
