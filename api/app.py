@@ -1,0 +1,41 @@
+"""The FastAPI application.
+
+    distillery up                                  # Redis, this API, a teacher and a trainer worker
+    REDIS_URL=redis://127.0.0.1:6379/0 uvicorn --factory api.app:create_app --port 8000
+
+OpenAPI docs at /docs. Every /v1 route needs a bearer API key (``distillery keys create``).
+"""
+
+from __future__ import annotations
+
+import redis
+from fastapi import FastAPI
+
+from api import errors
+from api.routes import datasets, distill, health, jobs, models
+from service.settings import get_settings
+from workers.redis_server import configured_url
+
+DESCRIPTION = """Recover the quality of layer-pruned LLMs by self-data distillation.
+
+Upload a dataset, submit jobs (`prune`, `distill`, `finetune`, `evaluate`, `merge`, or the
+whole `pipeline`), follow them (poll, page through events, or stream them as Server-Sent
+Events), and fetch their results. Authenticate with `Authorization: Bearer <API key>`.
+Errors are `{"error": {"code", "message", "details"}}`."""
+
+
+def create_app(redis_url: str | None = None) -> FastAPI:
+    url = redis_url or configured_url(get_settings().home_dir())
+    if not url:
+        raise RuntimeError("no Redis: set REDIS_URL, or run `distillery up`")
+    app = FastAPI(title="Distillery", version="1", description=DESCRIPTION)
+    app.state.redis_url = url
+    # One client (and pool) per process; redis-py's pool is thread-safe, and sync routes
+    # run in FastAPI's threadpool. health_check_interval re-checks idle connections, so a
+    # restarted Redis is picked up again without restarting the API.
+    app.state.redis = redis.Redis.from_url(url, health_check_interval=30)
+    errors.install(app)
+    for module in (datasets, jobs, distill, models, health):
+        app.include_router(module.router)
+    # /metrics (Prometheus) is mounted here when it lands (its own issue).
+    return app

@@ -1,0 +1,73 @@
+"""Every error is JSON ``{"error": {"code", "message", "details"}}``: the service's own
+(``DistilleryError.code`` mapped to a status), FastAPI's validation errors and
+Starlette's 404/405 alike."""
+
+from __future__ import annotations
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import DistilleryError
+
+STATUS_OF_CODE = {
+    "invalid_dataset": 422,
+    "invalid_spec": 422,
+    "invalid_model": 422,
+    "not_found": 404,
+    "conflict": 409,
+    "not_finished": 409,
+    "cancelled": 409,
+    "too_large": 413,
+}
+CODE_OF_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    503: "unavailable",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, details: object = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(DistilleryError)
+    async def _service(request: Request, exc: DistilleryError) -> JSONResponse:
+        status = STATUS_OF_CODE.get(exc.code, 400)
+        return error_response(status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = CODE_OF_STATUS.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), None, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {
+                "field": ".".join(str(x) for x in e.get("loc", ()) if x != "body") or None,
+                "message": e.get("msg", ""),
+                "type": e.get("type"),
+            }
+            for e in exc.errors()
+        ]
+        shown = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+        return error_response(422, "invalid_request", f"invalid request: {shown}", details)
+
+    @app.exception_handler(redis.ConnectionError)
+    async def _redis_down(request: Request, exc: redis.ConnectionError) -> JSONResponse:
+        return error_response(503, "unavailable", "the job store (Redis) is unreachable")

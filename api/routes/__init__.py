@@ -1,0 +1,1 @@
+"""Route modules, one per noun: datasets, jobs, distill, models, health."""

@@ -1,0 +1,201 @@
+"""/v1/jobs: submit, list, get, events (pages or Server-Sent Events), result, cancel.
+
+    curl -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\
+         -d '{"type": "distill", "dataset": "ds_...", "max_new_tokens": 64}' \\
+         http://127.0.0.1:8000/v1/jobs
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import redis
+import redis.asyncio as aredis
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+
+from api.deps import RedisDep, StoreDep, TenantDep
+from api.schemas import (
+    EventPublic,
+    EventsPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+    to_spec,
+)
+from service.errors import DistilleryError
+from service.store import ArtifactStore, NotFound
+from workers import records
+from workers.submit import body_hash, cancel, reserve_idempotency_key, submit
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+class NotFinished(DistilleryError):
+    code = "not_finished"
+
+
+def load_job(conn: redis.Redis, job_id: str, tenant: str) -> dict:
+    """A tenant's job record; another tenant's job is simply not found."""
+    rec = records.get(conn, job_id)
+    if rec is None or rec["tenant"] != tenant:
+        raise NotFound(f"no job {job_id!r}")
+    return rec
+
+
+def job_public(conn: redis.Redis, rec: dict) -> JobPublic:
+    children = []
+    if rec["children"]:
+        p = conn.pipeline()
+        for cid in rec["children"]:
+            p.hgetall(records.job_key(cid))
+        children = [records.decode(raw) for raw in p.execute() if raw]
+    return JobPublic.from_record(rec, children)
+
+
+def create_job(
+    conn: redis.Redis, store: ArtifactStore, tenant: str, body, idempotency_key: str | None
+) -> tuple[dict, bool]:
+    """(record, created): one Idempotency-Key and body always give the same job."""
+    job_type, spec = to_spec(body)
+    if not idempotency_key:
+        return submit(conn, store, tenant, job_type, spec), True
+    job_id, is_new = reserve_idempotency_key(
+        conn, tenant, idempotency_key, body_hash(job_type, spec)
+    )
+    if not is_new:
+        rec = records.get(conn, job_id)
+        if rec is not None:
+            return rec, False
+    return submit(conn, store, tenant, job_type, spec, job_id=job_id), True
+
+
+@router.post("", status_code=202, summary="Submit a job")
+def post_job(
+    body: Annotated[JobCreate, Body()],
+    response: Response,
+    tenant: TenantDep,
+    conn: RedisDep,
+    store: StoreDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=255, description="Same key and body: the same job; other body: 409."),
+    ] = None,
+) -> JobPublic:
+    rec, created = create_job(conn, store, tenant, body, idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_public(conn, rec)
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(
+    tenant: TenantDep,
+    conn: RedisDep,
+    after: Annotated[
+        str | None, Query(description="Cursor: the last id of the previous page.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: JobStatus | None = None,
+    type: str | None = None,
+) -> JobsPublic:
+    items, more = records.list_jobs(
+        conn, tenant, after=after, limit=limit, status=status, type=type
+    )
+    data = [job_public(conn, r) for r in items]
+    return JobsPublic(data=data, has_more=more, next_cursor=data[-1].id if more and data else None)
+
+
+@router.get("/{job_id}", summary="A job: status, progress, metrics, error, artifacts")
+def get_job(job_id: str, tenant: TenantDep, conn: RedisDep) -> JobPublic:
+    return job_public(conn, load_job(conn, job_id, tenant))
+
+
+@router.post("/{job_id}/cancel", summary="Cancel queued or running work")
+def cancel_job(job_id: str, tenant: TenantDep, conn: RedisDep) -> JobPublic:
+    return job_public(conn, cancel(conn, load_job(conn, job_id, tenant)))
+
+
+@router.get(
+    "/{job_id}/result",
+    summary="A finished job's output: JSONL rows (distill) or JSON",
+    responses={200: {"content": {"application/x-ndjson": {}, "application/json": {}}}},
+)
+def get_result(job_id: str, tenant: TenantDep, conn: RedisDep, store: StoreDep) -> Response:
+    rec = load_job(conn, job_id, tenant)
+    if rec["status"] != "succeeded":
+        raise NotFinished(f"job {job_id} is {rec['status']}", {"status": rec["status"]})
+    if rec["type"] == "distill":
+        path = store.path("dataset", rec["artifacts"]["dataset"]) / "rows.jsonl"
+        return FileResponse(path, media_type="application/x-ndjson", filename=f"{job_id}.jsonl")
+    body = {
+        "id": job_id,
+        "type": rec["type"],
+        "metrics": rec["metrics"],
+        "artifacts": rec["artifacts"],
+    }
+    return Response(json.dumps(body, default=str), media_type="application/json")
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Events: a page (?after=) or, with Accept: text/event-stream, a live stream",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def get_events(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    conn: RedisDep,
+    after: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
+) -> Response:
+    load_job(conn, job_id, tenant)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return StreamingResponse(
+            stream_events(request.app.state.redis_url, job_id, last_event_id or after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    items, more = records.events(conn, job_id, after=after, limit=limit)
+    page = EventsPublic(
+        data=[EventPublic(**e) for e in items],
+        has_more=more,
+        next_cursor=items[-1]["id"] if items else after,
+    )
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
+def sse(event: dict) -> str:
+    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+async def stream_events(
+    url: str, job_id: str, after: str | None, block_ms: int = 5000
+) -> AsyncIterator[str]:
+    """Replay events after ``after``, then follow live ones (XREAD BLOCK) until the job
+    ends. A comment line every ``block_ms`` keeps proxies from closing an idle stream."""
+    conn = aredis.Redis.from_url(url)
+    key = records.events_key(job_id)
+    cursor = after or "0-0"
+    try:
+        while True:
+            got = await conn.xread({key: cursor}, block=block_ms, count=100)
+            if not got:
+                state = await conn.hget(records.job_key(job_id), "status")
+                if state is None or state.decode() in records.TERMINAL:
+                    return  # ended before this reader's cursor, or the record is gone
+                yield ": keep-alive\n\n"
+                continue
+            for eid, fields in got[0][1]:
+                event = records.decode_event(eid, fields)
+                cursor = event["id"]
+                yield sse(event)
+                if event["type"] == "status" and event["message"] in records.TERMINAL:
+                    return
+    finally:
+        await conn.aclose()

@@ -1,0 +1,248 @@
+"""Run one job against its record: the part shared by the teacher worker (in-process,
+with its cached engine) and the trainer's child process (``python -m workers.child``).
+
+``execute`` moves the record queued → running (a cancelled job never starts), validates
+the spec again, resolves inputs, calls the ``service`` run function with a
+:class:`~workers.reporter.RecordReporter`, turns the products into artifacts and finishes
+the record: succeeded (metrics, artifact ids), cancelled, or failed (code, message,
+where). Within a pipeline, a failed or cancelled step fails or cancels the pipeline and
+its remaining steps; the last step (``report``) builds the summary table.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from service.errors import CancelledError, DistilleryError
+from service.settings import get_settings
+from service.specs import (
+    DistillSpec,
+    EvaluateSpec,
+    FinetuneSpec,
+    MergeSpec,
+    PipelineSpec,
+    PruneSpec,
+)
+from service.store import ArtifactStore
+from workers import records
+from workers.outputs import register_outputs, resolve_job_refs, work_dir
+from workers.reporter import RecordReporter
+
+SPECS = {
+    "prune": PruneSpec,
+    "distill": DistillSpec,
+    "finetune": FinetuneSpec,
+    "evaluate": EvaluateSpec,
+    "merge": MergeSpec,
+    "pipeline": PipelineSpec,
+}
+
+
+class StepFailed(Exception):
+    """Raised to RQ after the record is marked failed, so RQ does not run dependents."""
+
+
+def error_doc(exc: BaseException, job_type: str) -> dict:
+    """{code, message, where, trace}: where is the innermost frame for an unexpected error."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f"{tb[-1].filename}:{tb[-1].lineno} in {tb[-1].name}" if tb else job_type
+    if isinstance(exc, DistilleryError):
+        return {
+            "code": exc.code,
+            "message": exc.message,
+            "where": job_type,
+            "details": exc.details,
+        }
+    return {
+        "code": "internal",
+        "message": f"{type(exc).__name__}: {exc}",
+        "where": where,
+        "trace": "".join(traceback.format_exception(exc)[-12:]),
+    }
+
+
+def run_step(job_type: str, spec: Any, work: Path, reporter: RecordReporter, engine=None) -> dict:
+    """Call the service's run function for ``job_type``; outputs go under ``work``."""
+    if job_type == "prune":
+        from service.prune import run_prune
+
+        return run_prune(spec, work / "model", reporter)
+    if job_type == "distill":
+        from service.distill import run_distill
+
+        return run_distill(spec, work / "rows.jsonl", reporter, engine=engine)
+    if job_type == "finetune":
+        from service.finetune import run_finetune
+
+        # resume=True: continue from work/model.ckpt when a lost worker left one.
+        return run_finetune(spec, work / "model", reporter, resume=True)
+    if job_type == "evaluate":
+        from service.evaluate import run_evaluate
+
+        return run_evaluate(spec, work / "eval.json", reporter, data_dir=get_settings().eval_data)
+    if job_type == "merge":
+        from service.merge import run_merge
+
+        return run_merge(spec, work / "model", reporter)
+    raise DistilleryError(f"unknown job type {job_type!r}")
+
+
+def start(conn: redis.Redis, job: dict) -> bool:
+    """queued → running (or running → running when RQ retries a job whose worker died)."""
+    attempts = job["attempts"] + 1
+    data = {"attempt": attempts}
+    if not records.transition(
+        conn,
+        job["id"],
+        ("queued", "running"),
+        "running",
+        data=data,
+        started_at=time.time(),
+        attempts=attempts,
+    ):
+        return False
+    if attempts > 1:
+        records.add_event(
+            conn, job["id"], f"resumed (attempt {attempts})", level="warning", data=data
+        )
+    if job["parent"]:
+        records.transition(conn, job["parent"], ("queued",), "running", started_at=time.time())
+    return True
+
+
+def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | None = None) -> str:
+    """Run job ``job_id``; return its final status. ``engine_for(spec)`` gives the teacher
+    worker's cached engine for a distill job."""
+    job = records.get(conn, job_id)
+    if job is None:
+        raise DistilleryError(f"no job record {job_id}")
+    if job["type"] == "report":
+        return finish_pipeline(conn, job)
+    if not start(conn, job):
+        return records.status(conn, job_id) or "unknown"
+    settings = get_settings()
+    store = ArtifactStore(settings.home_dir())
+    timeout = timeout if timeout is not None else settings.job_timeout
+    deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
+    reporter = RecordReporter(conn, job_id, deadline=deadline)
+    try:
+        raw = resolve_job_refs(conn, job["tenant"], job["spec"])
+        spec = SPECS[job["type"]].model_validate(raw)
+        engine = engine_for(spec) if engine_for is not None and job["type"] == "distill" else None
+        work = work_dir(settings.home_dir(), job_id)
+        result = run_step(job["type"], spec, work, reporter, engine=engine)
+        reporter.flush()
+        artifacts = register_outputs(store, job, spec.model_dump(mode="json"), work, result)
+    except CancelledError:
+        reporter.flush()
+        end(conn, job, "cancelled")
+        return "cancelled"
+    except Exception as exc:
+        reporter.flush()
+        end(conn, job, "failed", error=error_doc(exc, job["type"]))
+        raise StepFailed(str(exc)) from exc
+    end(conn, job, "succeeded", metrics=result, artifacts=artifacts)
+    return "succeeded"
+
+
+def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
+    """Finish a record (from queued or running); a pipeline step also settles its parent."""
+    moved = records.transition(
+        conn,
+        job["id"],
+        ("queued", "running"),
+        status,
+        data={k: v for k, v in fields.items() if k == "error"},
+        finished_at=time.time(),
+        **fields,
+    )
+    if moved and job["parent"] and status != "succeeded":
+        what = "failed" if status == "failed" else "was cancelled"
+        error = fields.get("error") or {"code": "cancelled", "message": "cancelled"}
+        stop_pipeline(
+            conn,
+            job["parent"],
+            "failed" if status == "failed" else "cancelled",
+            error={
+                **error,
+                "message": f"step {job['id']} ({job['type']}) {what}: "
+                + str(error.get("message", "")),
+                "where": job["id"],
+            },  # fmt: skip
+        )
+    return moved
+
+
+def stop_pipeline(conn: redis.Redis, parent_id: str, status: str, error: dict | None) -> None:
+    """Settle a pipeline: cancel its unfinished steps, then mark it ``status``."""
+    from workers.submit import cancel_rq_job
+
+    parent = records.get(conn, parent_id)
+    if parent is None:
+        return
+    for child_id in parent["children"]:
+        records.request_cancel(conn, child_id)
+        if records.transition(conn, child_id, ("queued",), "cancelled", finished_at=time.time()):
+            cancel_rq_job(conn, child_id)
+    fields: dict[str, Any] = {"finished_at": time.time()}
+    if status == "failed" and error:
+        fields["error"] = error
+    records.transition(conn, parent_id, ("queued", "running"), status, **fields)
+
+
+def finish_pipeline(conn: redis.Redis, report_job: dict) -> str:
+    """The pipeline's last step: gather the steps' results into the summary table."""
+    from service.pipeline import format_table, retention
+
+    if not start(conn, report_job):
+        return records.status(conn, report_job["id"]) or "unknown"
+    parent = records.get(conn, report_job["parent"])
+    steps = {c["step"]: c for c in (records.get(conn, cid) for cid in parent["children"]) if c}
+    prune, distill, finetune = (steps[k]["metrics"] for k in ("prune", "distill", "finetune"))
+    evals = {
+        name: steps[f"evaluate {name}"]["metrics"] for name in ("baseline", "pruned", "recovered")
+    }
+    summary = {
+        # The same shape as service.pipeline.run_pipeline's summary (print_table reads it).
+        "spec": parent["spec"],
+        "removed_layers": prune["removed_layers"],
+        "layers": [prune["num_layers_before"], prune["num_layers_after"]],
+        "distill": {k: distill.get(k) for k in ("rows", "distilled_fraction", "tokens_per_s")},
+        "finetune": {k: finetune.get(k) for k in ("final_loss", "tokens_per_s", "rows")},
+        "eval": {
+            name: {
+                "tasks": {t: r["acc"] for t, r in e["tasks"].items()},
+                "stderr": {t: r.get("acc_stderr") for t, r in e["tasks"].items()},
+                "average": e.get("average"),
+                "retention": retention(e, evals["baseline"])["mean"],
+            }
+            for name, e in evals.items()
+        },
+        "seconds": {
+            name: round((c["finished_at"] or 0) - (c["started_at"] or 0), 1)
+            for name, c in steps.items()
+            if c["started_at"]
+        },
+    }
+    summary["table"] = format_table(summary)
+    artifacts = {
+        "pruned": steps["prune"]["artifacts"].get("model"),
+        "distilled": steps["distill"]["artifacts"].get("dataset"),
+        "recovered": steps["finetune"]["artifacts"].get("model"),
+    }
+    end(conn, report_job, "succeeded", metrics={"table": summary["table"]})
+    records.transition(
+        conn,
+        parent["id"],
+        ("queued", "running"),
+        "succeeded",
+        finished_at=time.time(),
+        metrics=summary,
+        artifacts=artifacts,
+    )
+    return "succeeded"

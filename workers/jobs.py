@@ -1,0 +1,191 @@
+"""RQ job functions. Thin: take a job id, its type and spec dict, run it, report through
+the job record. Both queues' workers are SimpleWorkers (``workers/worker.py``):
+
+- ``teacher_job`` runs distillation in the worker process, with the worker's cached
+  engine, so a model is loaded once per worker rather than once per job;
+- ``train_job`` runs prune, finetune, evaluate and merge in a child process
+  (``python -m workers.child <job id>``) and watches it: a crash (even a segfault or the
+  OOM killer) fails the job, not the worker, and a cancel that the child does not honour
+  at its next step within DISTILLERY_CANCEL_GRACE seconds terminates it.
+
+``on_rq_failure`` runs when RQ itself gives up on or retries a job (a worker stopped or
+died mid-job): it puts the record back to ``queued`` when RQ retries, else fails it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from typing import Any
+
+import redis
+from rq import get_current_job
+
+from service.settings import get_settings
+from workers import records
+from workers.execute import SPECS, StepFailed, end, execute
+
+log = logging.getLogger("distillery.worker")
+
+# The teacher worker's loaded engines, kept between jobs ON PURPOSE: this is the one
+# piece of global state in workers/. Loading the teacher per job is what the teacher
+# queue exists to avoid. SimpleWorker runs jobs in this process, so the cache lives as
+# long as the worker. Keyed by (engine name, teacher reference); at most MAX_ENGINES are
+# held (each is a whole model), the least recently used is closed first.
+_ENGINES: OrderedDict[tuple[str, str], Any] = OrderedDict()
+MAX_ENGINES = 1
+
+
+def cached_engine(spec) -> Any:
+    from service.teacher import make_engine
+
+    key = (spec.engine, spec.teacher)
+    if key in _ENGINES:
+        _ENGINES.move_to_end(key)
+        return _ENGINES[key]
+    while len(_ENGINES) >= MAX_ENGINES:
+        _, old = _ENGINES.popitem(last=False)
+        old.close()
+    t0 = time.monotonic()
+    engine = make_engine(spec.engine, spec.teacher)
+    log.info("loaded teacher %s (%s) in %.1fs", spec.teacher, spec.engine, time.monotonic() - t0)
+    _ENGINES[key] = engine
+    return engine
+
+
+def _connection() -> redis.Redis:
+    job = get_current_job()
+    assert job is not None, "RQ job functions run inside a worker"
+    return job.connection
+
+
+def _no_retry() -> None:
+    """A job that failed for a reason of its own is not worth a retry."""
+    job = get_current_job()
+    if job is not None:
+        job.retries_left = 0
+
+
+def teacher_job(job_id: str, job_type: str, spec: dict) -> str:
+    SPECS[job_type].model_validate(spec)  # validated at the API, and again here
+    try:
+        return execute(_connection(), job_id, engine_for=cached_engine)
+    except StepFailed:
+        _no_retry()
+        raise
+
+
+def train_job(job_id: str, job_type: str, spec: dict) -> str:
+    conn = _connection()
+    if job_type == "report":  # gathers results only: cheap, no model, no child
+        return execute(conn, job_id)
+    SPECS[job_type].model_validate(spec)
+    job = records.get(conn, job_id)
+    if job is None or job["status"] in records.TERMINAL:
+        return job["status"] if job else "missing"
+    status = supervise_child(conn, job_id)
+    if status == "failed":
+        _no_retry()
+        raise StepFailed(f"{job_type} {job_id} failed")
+    return status
+
+
+def _redis_url(conn: redis.Redis) -> str:
+    kw = conn.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    return f"redis://{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _stop(proc: subprocess.Popen, wait: float = 10.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL if it lingers."""
+    for sig, timeout in ((signal.SIGTERM, wait), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def supervise_child(conn: redis.Redis, job_id: str, poll: float = 0.5) -> str:
+    """Run the job in ``python -m workers.child``; return the record's final status."""
+    settings = get_settings()
+    env = dict(os.environ, REDIS_URL=os.environ.get("REDIS_URL") or _redis_url(conn))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.child", job_id],
+        env=env,
+        start_new_session=True,  # its own process group: we can end it and all it started
+    )
+    timeout = settings.job_timeout
+    deadline = time.monotonic() + timeout + settings.cancel_grace if timeout > 0 else None
+    cancel_seen: float | None = None
+    why = ""
+    try:
+        while proc.poll() is None:
+            time.sleep(poll)
+            now = time.monotonic()
+            if cancel_seen is None and records.cancel_requested(conn, job_id):
+                cancel_seen = now
+            if cancel_seen is not None and now - cancel_seen > settings.cancel_grace:
+                why = "cancelled"
+                _stop(proc)
+            elif deadline is not None and now > deadline:
+                why = "timeout"
+                _stop(proc)
+    finally:
+        _stop(proc)  # the worker is stopping (cold shutdown): take the child down with it
+    job = records.get(conn, job_id)
+    if job is None:
+        return "missing"
+    if job["status"] in records.TERMINAL:
+        return job["status"]
+    if why == "cancelled":
+        end(conn, job, "cancelled")
+        return "cancelled"
+    rc = proc.returncode
+    how = f"signal {signal.Signals(-rc).name}" if rc and rc < 0 else f"exit code {rc}"
+    error = {
+        "code": "timeout" if why == "timeout" else "crashed",
+        "message": "job ran past its time limit"
+        if why == "timeout"
+        else f"the job's process ended unexpectedly ({how})",
+        "where": "workers.child",
+    }
+    end(conn, job, "failed", error=error)
+    return "failed"
+
+
+def on_rq_failure(job, connection: redis.Redis, exc_type, exc_value, tb) -> None:
+    """RQ failure callback: also called for abandoned jobs (their worker died)."""
+    rec = records.get(connection, job.id)
+    if rec is None or rec["status"] in records.TERMINAL:
+        return  # the job function already settled its record
+    if job.retries_left:
+        if records.transition(connection, job.id, ("running",), "queued"):
+            records.add_event(
+                connection,
+                job.id,
+                f"worker stopped mid-job ({exc_type.__name__}); requeued to resume",
+                level="warning",
+            )
+        return
+    end(
+        connection,
+        rec,
+        "failed",
+        error={
+            "code": "worker_lost",
+            "message": f"the worker stopped during the job and retries ran out ({exc_type.__name__})",
+            "where": "rq",
+        },
+    )

@@ -1,0 +1,115 @@
+"""Worker entry point.
+
+    distillery worker --queues teacher          # distillation; keeps its engine loaded
+    distillery worker --queues train            # prune, finetune, evaluate, merge
+    python -m workers.worker --queues teacher --url redis://127.0.0.1:6379/0
+
+Both are RQ SimpleWorkers: no fork per job. The teacher worker must keep its loaded
+engine between jobs (a fork would load it in a throwaway process every time, and a
+forked process must not inherit a CUDA context); the trainer worker runs each job in a
+fresh child process of its own (``workers.jobs.train_job``), so it needs no fork either.
+
+A SimpleWorker runs the job in its main thread and so cannot send heartbeats while a
+long job runs; :class:`DistilleryWorker` sends them from a side thread. The heartbeats
+keep the worker visible to ``/readyz`` and keep the job out of RQ's abandoned-job
+cleanup; when they stop (the worker died), RQ requeues the job within about
+``job_monitoring_interval + 60`` seconds plus one maintenance interval, and it resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+
+import redis
+from rq import SimpleWorker
+from rq.job import Job
+from rq.queue import Queue
+
+from workers.redis_server import configured_url
+from workers.submit import QUEUES
+
+WORKER_TTL = 30  # seconds; an idle worker re-registers every WORKER_TTL - 15 s
+MONITOR_INTERVAL = 10  # seconds between heartbeats while a job runs
+MAINTENANCE_INTERVAL = 60  # seconds between abandoned-job sweeps (RQ default: 600)
+
+
+class DistilleryWorker(SimpleWorker):
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, done), daemon=True, name="heartbeat")
+        beat.start()
+        try:
+            super().execute_job(job, queue)
+        finally:
+            done.set()
+            beat.join(timeout=5)
+
+    def _beat(self, job: Job, done: threading.Event) -> None:
+        while not done.wait(self.job_monitoring_interval):
+            try:
+                if self.execution is not None:
+                    self.maintain_heartbeats(job)
+            except Exception as exc:  # Redis hiccup: the next beat retries
+                self.log.warning("heartbeat failed: %s", exc)
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        # Jobs run with job_timeout=-1 (they time themselves out); SimpleWorker would then
+        # use RQ's 420 s default. Our side thread beats every MONITOR_INTERVAL, so a dead
+        # worker's job is found abandoned after this many seconds.
+        return self.job_monitoring_interval + 60
+
+
+def parse_queues(text: str) -> list[str]:
+    names = [q.strip() for q in text.split(",") if q.strip()]
+    bad = [q for q in names if q not in QUEUES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"queues must be among {', '.join(QUEUES)}")
+    return names
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--queues",
+        type=parse_queues,
+        required=True,
+        help="Comma-separated queues: teacher (distillation), train (the rest).",
+    )
+    p.add_argument("--url", help="Redis URL (default: REDIS_URL, or the `distillery up` one).")
+    p.add_argument("--name", help="Worker name (default: random).")
+    p.add_argument("--burst", action="store_true", help="Exit when the queues are empty.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.settings import get_settings
+
+    url = args.url or configured_url(get_settings().home_dir())
+    if not url:
+        print("error: no Redis: set REDIS_URL or start `distillery up`", file=sys.stderr)
+        return 2
+    os.environ["REDIS_URL"] = url  # child processes of train jobs connect to the same Redis
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    conn = redis.Redis.from_url(url)
+    worker = DistilleryWorker(
+        args.queues,
+        name=args.name,
+        connection=conn,
+        worker_ttl=WORKER_TTL,
+        job_monitoring_interval=MONITOR_INTERVAL,
+        maintenance_interval=MAINTENANCE_INTERVAL,
+    )
+    worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="distillery worker", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
