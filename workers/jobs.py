@@ -35,16 +35,18 @@ log = logging.getLogger("distillery.worker")
 # The teacher worker's loaded engines, kept between jobs ON PURPOSE: this is the one
 # piece of global state in workers/. Loading the teacher per job is what the teacher
 # queue exists to avoid. SimpleWorker runs jobs in this process, so the cache lives as
-# long as the worker. Keyed by (engine name, teacher reference); at most MAX_ENGINES are
+# long as the worker. Keyed by (engine name, teacher reference, options); at most MAX_ENGINES are
 # held (each is a whole model), the least recently used is closed first.
-_ENGINES: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_ENGINES: OrderedDict[tuple, Any] = OrderedDict()
 MAX_ENGINES = 1
 
 
 def cached_engine(spec) -> Any:
+    from service.distill import engine_options
     from service.teacher import make_engine
 
-    key = (spec.engine, spec.teacher)
+    options = engine_options(spec)
+    key = (spec.engine, spec.teacher, tuple(sorted(options.items())))
     if key in _ENGINES:
         _ENGINES.move_to_end(key)
         return _ENGINES[key]
@@ -52,7 +54,7 @@ def cached_engine(spec) -> Any:
         _, old = _ENGINES.popitem(last=False)
         old.close()
     t0 = time.monotonic()
-    engine = make_engine(spec.engine, spec.teacher)
+    engine = make_engine(spec.engine, spec.teacher, **options)
     log.info("loaded teacher %s (%s) in %.1fs", spec.teacher, spec.engine, time.monotonic() - t0)
     _ENGINES[key] = engine
     return engine

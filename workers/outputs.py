@@ -65,6 +65,7 @@ def check_ref(store: ArtifactStore, tenant: str, field: str, ref: str) -> None:
     elif is_artifact_id(ref) and ref.startswith("mdl_"):
         kind = "model"
     else:
+        check_model_ref(field, ref)
         return
     try:
         manifest = store.manifest(kind, ref)
@@ -74,8 +75,29 @@ def check_ref(store: ArtifactStore, tenant: str, field: str, ref: str) -> None:
         raise NotFound(f"{field}: no {kind} {ref!r}")
 
 
+def check_model_ref(field: str, ref: str) -> None:
+    """Builtin names must exist, and local directories must hold a model; hub ids (when
+    the machine is online) are left to the worker."""
+    from service.models import BUILTINS
+
+    if ref.startswith("job_"):
+        return
+    if ref.startswith("builtin:"):
+        if ref.split(":", 1)[1] not in BUILTINS:
+            raise SpecError(f"{field}: unknown builtin model {ref!r}; known: {sorted(BUILTINS)}")
+        return
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return
+    hub_like = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    if not hub_like or path.exists():
+        raise SpecError(f"{field}: {ref!r} is not a builtin, a model id or a model directory")
+
+
 def check_refs(store: ArtifactStore, tenant: str, spec: dict) -> None:
     for field, value in spec.items():
+        if field == "teacher" and spec.get("engine") == "openai":
+            continue  # a model name on a remote server, not ours to check
         if field in DATASET_FIELDS or field in MODEL_FIELDS:
             for ref in value if isinstance(value, list) else [value]:
                 if isinstance(ref, str):
