@@ -8,6 +8,9 @@ normalises them to one :class:`Row`:
 - chat: ``messages`` = ``[{"role", "content"}, ...]`` ending with an assistant turn
 - ``prompt`` / ``response``
 
+A distilled row (any shape plus ``response``, ``original_response``, ``distilled``,
+``reason``) trains on ``response``, the response distillation kept.
+
 A malformed line or a missing field is an error naming the file, line and field;
 nothing is dropped silently (blank lines in JSONL are not rows and are skipped).
 """
@@ -64,6 +67,8 @@ def normalise(obj: Any, line: int) -> tuple[Row | None, list[RowError]]:
     errors: list[RowError] = []
     if not isinstance(obj, dict):
         return None, [RowError(line, None, f"must be a JSON object, got {type(obj).__name__}")]
+    if "original_response" in obj and "response" in obj:
+        return _from_distilled(obj, line)
     if "messages" in obj:
         return _from_chat(obj, line)
     if "question" in obj or "answer" in obj:
@@ -99,6 +104,28 @@ def normalise(obj: Any, line: int) -> tuple[Row | None, list[RowError]]:
             "messages, or prompt/response",
         )
     ]
+
+
+# Fields a distilled row adds to its input row (see service/distill.py).
+DISTILLED_FIELDS = ("response", "original_response", "distilled", "reason")
+
+
+def _from_distilled(obj: dict, line: int) -> tuple[Row | None, list[RowError]]:
+    """A distilled row: its input shape gives the prompt, ``response`` (the kept one) is
+    the training target. Read as its input shape alone, an Alpaca row would train on
+    ``output`` = the original response, and a prompt/response row would lose it."""
+    errors: list[RowError] = []
+    target = _need_str(obj, "response", line, errors)
+    _need_str(obj, "original_response", line, errors)
+    if errors:
+        return None, errors
+    base = {k: v for k, v in obj.items() if k not in DISTILLED_FIELDS}
+    if "prompt" in base:
+        base["response"] = obj["original_response"]
+    row, errors = normalise(base, line)
+    if row is None:
+        return None, errors
+    return row.model_copy(update={"response": target, "source": obj}), []
 
 
 def _from_chat(obj: dict, line: int) -> tuple[Row | None, list[RowError]]:

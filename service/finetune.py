@@ -1,0 +1,345 @@
+"""LoRA recovery fine-tuning (DESIGN.md step 4): train adapters on the pruned model with
+the loss on response tokens only, then merge them so the result is a plain model.
+
+    distillery finetune --model pruned/ --dataset distilled.jsonl --out recovered/
+    distillery finetune --model pruned/ --dataset distilled.jsonl --out recovered/ --resume
+
+A torchtune-style recipe: one class with ``setup / train / save_checkpoint /
+save_model / cleanup`` and the loop in plain sight. Defaults (``FinetuneSpec``) follow
+SDFT (sail-sg/sdft, LLaMA-Factory): LoRA on q_proj,v_proj, rank 8, lr 1e-4 with cosine
+decay, effective batch 8. Every ``checkpoint_every`` steps (and when cancelled or
+interrupted) the recipe writes ``<out>.ckpt``, one self-describing file (adapter,
+optimizer, scheduler, RNG state, step, epoch and position, spec, loss log) in the
+manner of nanoGPT; ``--resume`` continues from it to the same weights and loss log an
+uninterrupted run gives. ``<out>/train_log.json`` holds the loss per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.datasets import load_rows
+from service.errors import CancelledError, DatasetError, DistilleryError, SpecError
+from service.models import load_model
+from service.progress import Reporter
+from service.specs import FinetuneSpec
+from service.train_data import (
+    IGNORE,
+    collate,
+    fingerprint,
+    micro_batches,
+    plan_epoch,
+    steps_per_epoch,
+    tokenise_rows,
+)
+
+CHECKPOINT_VERSION = 1
+# Gradient-norm clipping at 1.0: the HF Trainer / LLaMA-Factory default SDFT trains with.
+MAX_GRAD_NORM = 1.0
+# Spec fields that may change between a run and its resumption (they do not change
+# the result).
+RESUMABLE_CHANGES = {"checkpoint_every"}
+
+
+def checkpoint_path(out: Path) -> Path:
+    """The checkpoint sits next to the output directory, which appears only when done."""
+    return out.parent / (out.name + ".ckpt")
+
+
+class FinetuneRecipe:
+    """One fine-tuning run: ``setup``, ``train``, ``save_model``, ``cleanup``."""
+
+    def __init__(self, spec: FinetuneSpec, out: Path, reporter: Reporter):
+        self.spec = spec
+        self.out = out
+        self.ckpt = checkpoint_path(out)
+        self.reporter = reporter
+        self.step = 0  # optimiser steps completed
+        self.log: list[dict[str, Any]] = []
+        self.tokens = 0  # real (non-pad) tokens processed
+        self.seconds = 0.0  # time spent in training steps
+        self.resumed_from: int | None = None
+        self._updating = False  # inside optimizer.step(): an interrupt leaves no clean state
+        self._boundary_rng: torch.Tensor | None = None
+
+    # -- setup --------------------------------------------------------------------
+
+    def setup(self, resume: bool) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import get_cosine_schedule_with_warmup
+
+        spec = self.spec
+        if (
+            self.out.exists()
+            and any(self.out.iterdir())
+            and not (self.out / "config.json").exists()
+        ):
+            raise SpecError(
+                f"{self.out} exists and is not a model directory; refusing to replace it"
+            )
+        if self.ckpt.exists() and not resume:
+            raise SpecError(
+                f"{self.ckpt} holds an interrupted run: pass --resume to continue it, "
+                "or delete it to start over"
+            )
+        rows = load_rows(spec.dataset, limit=spec.limit)
+        model, self.tokenizer = load_model(spec.model)
+        self.n_rows = len(rows)
+        self.examples, self.skipped = tokenise_rows(self.tokenizer, rows, spec.max_length)
+        if not self.examples:
+            raise DatasetError(
+                [], summary=f"no row keeps a response token within max_length={spec.max_length}"
+            )
+        if self.skipped:
+            self.reporter.event(
+                f"{len(self.skipped)} rows skipped: their response lies beyond "
+                f"max_length={spec.max_length} (rows {self.skipped[:20]})",
+                level="warning",
+            )
+        self.lengths = [len(ex.ids) for ex in self.examples]
+        self.data_sha = fingerprint(self.examples)
+        self.steps_per_epoch = steps_per_epoch(len(self.examples), spec.batch_size)
+        self.steps_total = math.ceil(spec.epochs * self.steps_per_epoch)
+
+        torch.manual_seed(spec.seed)  # LoRA A init, then dropout
+        lora = LoraConfig(
+            r=spec.lora_rank,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=list(spec.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            self.model = get_peft_model(model, lora)
+        except ValueError as exc:  # target modules missing from this architecture
+            raise SpecError(f"cannot add LoRA adapters: {exc}") from exc
+        self.model.train()
+        self.device = next(self.model.parameters()).device
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        # AdamW without weight decay (HF Trainer and LLaMA-Factory default).
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=spec.lr, weight_decay=0.0)
+        warmup = math.ceil(spec.warmup_ratio * self.steps_total)  # as HF's get_warmup_steps
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.steps_total)
+        if resume and self.ckpt.exists():
+            self.load_checkpoint()
+        elif resume:
+            self.reporter.event(f"no checkpoint at {self.ckpt}; starting from step 0")
+        self.reporter.event(
+            f"training on {len(self.examples)} rows for {self.steps_total} steps "
+            f"({self.steps_per_epoch} per epoch), starting at step {self.step}"
+        )
+
+    # -- training -------------------------------------------------------------------
+
+    def step_batch(self, step: int) -> list[int]:
+        """Example indices of optimiser step ``step`` (0-based): derived, never stored."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if getattr(self, "_plan_epoch", None) != epoch:
+            self._plan = plan_epoch(self.lengths, self.spec.batch_size, self.spec.seed, epoch)
+            self._plan_epoch = epoch
+        return self._plan[position]
+
+    def response_loss(self, batch: dict[str, torch.Tensor], n_targets: int) -> torch.Tensor:
+        """Summed cross-entropy over the batch's response tokens, divided by the step's
+        target count so accumulated micro-batches give the step's token-mean loss.
+
+        Logits are computed only at positions that predict a response token: the
+        vocabulary projection of prompt and padding positions would be wasted work.
+        """
+        base = self.model.get_base_model()
+        hidden = base.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        cap = getattr(base.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2/3 cap their logits; the model's own forward does the same
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, labels[keep], reduction="sum") / n_targets
+
+    def train(self) -> None:
+        try:
+            while self.step < self.steps_total:
+                self._boundary_rng = torch.get_rng_state()
+                self.reporter.check()
+                self.train_step()
+                if self.step % self.spec.checkpoint_every == 0 or self.step == self.steps_total:
+                    self.save_checkpoint()
+        except (CancelledError, KeyboardInterrupt):
+            # Parameters and optimiser are still those of the last completed step
+            # unless the interrupt hit optimizer.step(); the RNG is rewound to that
+            # step's end, so the saved state is exactly a step-boundary state.
+            if self.step > 0 and not self._updating and self._boundary_rng is not None:
+                self.save_checkpoint(rng=self._boundary_rng)
+                self.reporter.event(f"stopped at step {self.step}; checkpoint {self.ckpt}")
+            raise
+
+    def train_step(self) -> None:
+        start = time.perf_counter()
+        batch_ids = self.step_batch(self.step)
+        examples = [self.examples[i] for i in batch_ids]
+        n_targets = sum(len(ex.ids) - ex.prompt_len for ex in examples)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
+        for micro in micro_batches(batch_ids, self.lengths, self.spec.micro_batch_size):
+            batch = collate([self.examples[i] for i in micro], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            part = self.response_loss(batch, n_targets)
+            part.backward()
+            loss += part.item()
+        if not math.isfinite(loss):
+            raise DistilleryError(f"loss is {loss} at step {self.step + 1}; try a lower --lr")
+        tokens = sum(len(ex.ids) for ex in examples)
+        self._updating = True
+        torch.nn.utils.clip_grad_norm_(self.params.values(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.tokens += tokens
+        self.seconds += time.perf_counter() - start
+        self.log.append({"step": self.step, "loss": loss, "lr": lr, "tokens": tokens})
+        self._updating = False
+        self.reporter.progress(
+            step=self.step,
+            steps_total=self.steps_total,
+            loss=loss,
+            lr=lr,
+            tokens_per_s=self.tokens_per_s,
+        )
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def save_checkpoint(self, rng: torch.Tensor | None = None) -> None:
+        """Write everything a resumed run needs into one file, atomically."""
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "spec": self.spec.model_dump(mode="json"),
+            "data_sha256": self.data_sha,
+            "step": self.step,
+            "steps_total": self.steps_total,
+            "epoch": epoch,
+            "position": position,
+            "adapter": {n: p.detach().cpu() for n, p in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng if rng is not None else torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "log": self.log,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+        }
+        tmp = self.ckpt.with_name(f".{self.ckpt.name}.{uuid.uuid4().hex[:6]}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt)
+
+    def load_checkpoint(self) -> None:
+        try:
+            state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise SpecError(f"cannot read checkpoint {self.ckpt}: {exc}") from exc
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise SpecError(f"{self.ckpt} has checkpoint version {state.get('version')}")
+        ours = self.spec.model_dump(mode="json")
+        diff = [
+            f"{k}: {state['spec'].get(k)!r} -> {v!r}"
+            for k, v in ours.items()
+            if k not in RESUMABLE_CHANGES and state["spec"].get(k) != v
+        ]
+        if diff:
+            raise SpecError(
+                f"{self.ckpt} was written by a run with a different spec ({'; '.join(diff)}); "
+                "rerun with the same options or delete the checkpoint"
+            )
+        if state["data_sha256"] != self.data_sha:
+            raise SpecError(f"the training data changed since {self.ckpt} was written")
+        missing = set(self.params) ^ set(state["adapter"])
+        if missing:
+            raise SpecError(f"{self.ckpt} does not match the adapter: {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["adapter"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.log = state["step"], list(state["log"])
+        self.tokens, self.seconds = state["tokens"], state["seconds"]
+        self.resumed_from = self.step
+        self.reporter.event(f"resumed from {self.ckpt} at step {self.step}")
+
+    # -- output ------------------------------------------------------------------------
+
+    def save_model(self) -> dict[str, Any]:
+        """Merge the adapter, write model + tokenizer + train_log.json to ``out`` atomically."""
+        merged = self.model.merge_and_unload()
+        merged.eval()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:6]}.tmp")
+        merged.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        summary = {
+            "spec": self.spec.model_dump(mode="json"),
+            "steps": self.log,
+            "first_loss": self.log[0]["loss"] if self.log else None,
+            "final_loss": self.log[-1]["loss"] if self.log else None,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "seconds": self.seconds,
+            "rows": self.n_rows,  # rows read; rows - skipped_rows were trained on
+            "skipped_rows": len(self.skipped),
+            "skipped_row_numbers": self.skipped,
+        }
+        (tmp / "train_log.json").write_text(json.dumps(summary, indent=1))
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:6]}.old")
+            self.out.rename(old)
+            tmp.rename(self.out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(self.out)
+        result = {k: v for k, v in summary.items() if k not in ("spec", "steps")}
+        result.update(
+            out=str(self.out),
+            steps=self.step,
+            resumed_from=self.resumed_from,
+            skipped_row_numbers=self.skipped[:100],
+        )
+        return result
+
+    def cleanup(self) -> None:
+        self.ckpt.unlink(missing_ok=True)
+
+
+def run_finetune(
+    spec: FinetuneSpec, out: Path, reporter: Reporter | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """LoRA fine-tune ``spec.model`` on ``spec.dataset``, merge, save a plain model to ``out``.
+
+    With ``resume``, continue from ``<out>.ckpt`` when it exists (same spec required).
+    Returns the summary of ``out/train_log.json`` (losses, tokens/s, skipped rows).
+    """
+    recipe = FinetuneRecipe(spec, Path(out), reporter or Reporter())
+    recipe.setup(resume)
+    recipe.train()
+    result = recipe.save_model()
+    recipe.cleanup()
+    return result
