@@ -5,6 +5,7 @@
     distillery finetune --model pruned/ --dataset distilled.jsonl --out recovered/
     distillery evaluate --model recovered/ --baseline builtin:smollm2-135m-instruct --tasks arc_easy,piqa --out eval.json
     distillery run --dataset data.jsonl --out runs/demo      # the whole pipeline
+    distillery report runs/demo                              # report.md + report.html
 
 Options are generated from the spec models in ``service/specs.py`` so the CLI help, the
 API docs and the code share one description per field. Service commands (``up``,
@@ -125,6 +126,12 @@ def _cmd_merge(args: argparse.Namespace) -> Any:
     return run_merge(spec_from_args(MergeSpec, args), Path(args.out), ConsoleReporter("merge"))
 
 
+def _cmd_report(args: argparse.Namespace) -> Any:
+    from service.report import run_report
+
+    return run_report(Path(args.run_dir))
+
+
 def _cmd_run(args: argparse.Namespace) -> Any:
     from service.pipeline import print_table, run_pipeline
 
@@ -146,6 +153,7 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, Callable[[argparse.Namesp
     "evaluate": ("Accuracy on local tasks via lm-evaluation-harness.", EvaluateSpec, _cmd_evaluate),
     "merge": ("SLERP-merge two models of the same shape.", MergeSpec, _cmd_merge),
     "run": ("The whole pipeline: prune, distill, finetune, evaluate.", PipelineSpec, _cmd_run),
+    "report": ("Write report.md and report.html for a run directory.", None, _cmd_report),
 }
 
 
@@ -156,7 +164,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         p = sub.add_parser(name, help=help_text, description=help_text)
         if spec_cls is not None:
             add_spec_options(p, spec_cls)
-        p.add_argument("--out", required=True, help="Where to write the result.")
+        if name == "report":  # reads and writes inside the run directory: no --out
+            p.add_argument("run_dir", help="Run directory (the --out of `distillery run`).")
+        else:
+            p.add_argument("--out", required=True, help="Where to write the result.")
         if name == "finetune":
             p.add_argument(
                 "--resume", action="store_true", help="Continue from the last checkpoint in --out."
