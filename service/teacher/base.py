@@ -50,6 +50,18 @@ class TeacherEngine(ABC):
     ) -> list[Generation]:
         """Completions for ``requests``, in input order."""
 
+    def prompt_length(self, request: Request) -> int:
+        """Length of a request's prompt, used to sort work into batches that pad little.
+
+        Tokens where the engine holds a ``tokenizer`` (the same tokens every engine sees,
+        ``hf_engine.render_prompt``), else characters (a proxy for remote engines)."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            from service.teacher.hf_engine import render_prompt
+
+            return len(render_prompt(tokenizer, request))
+        return sum(len(c) for _, c in request.messages) + len(request.prefill)
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op for most engines
         """Free what the engine holds (a vLLM engine is freed by ending its process)."""
 
