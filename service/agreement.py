@@ -250,3 +250,21 @@ def compare_models(
             max_new_tokens,
         )
     return {"agreement": agreement, "speculative": speculative}
+
+
+def agreement_for_spec(
+    spec, reporter: Reporter | None = None, data_dir: Path | None = None
+) -> dict:
+    """``compare_models`` with an EvaluateSpec's options (spec.model against spec.teacher);
+    ``run_evaluate`` adds the result to its report when the spec names a teacher."""
+    return compare_models(
+        spec.model,
+        spec.teacher,
+        prompts=spec.agreement_prompts,
+        dataset=spec.agreement_dataset,
+        max_new_tokens=spec.agreement_max_new_tokens,
+        k=spec.draft_k,
+        speedup_prompts=spec.speedup_prompts,
+        reporter=reporter,
+        data_dir=data_dir,
+    )

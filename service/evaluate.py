@@ -231,6 +231,11 @@ def run_evaluate(
     if spec.baseline:
         result["baseline"] = reports[1]
         result["retention"] = retention(reports[0]["tasks"], reports[1]["tasks"])
+    if spec.teacher:
+        # Teacher agreement and speculative acceptance (service/agreement.py).
+        from service.agreement import agreement_for_spec
+
+        result.update(agreement_for_spec(spec, reporter, data))
     write_json(result, out)
     reporter.event(f"wrote {out}")
     return result

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 110
 # Colours per condition, stable across figures.
@@ -75,6 +76,8 @@ def plot_distances(prune: dict, path: Path) -> Path:
         ax.add_patch(
             plt.Rectangle((n - 0.5, start - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block size n")
     ax.set_ylabel("start layer l (0-based)")
     ax.set_title(f"Distance from block l's input to block l+n-1's output ({depth} blocks)")

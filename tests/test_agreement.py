@@ -108,3 +108,31 @@ def test_vllm_draft_of_itself_is_fully_accepted(tiny_llama):
     )
     assert r["acceptance_rate"] == pytest.approx(1.0, abs=0.02)
     assert r["identical"] == 2
+
+
+def test_run_evaluate_with_teacher_adds_agreement(tiny_llama, tmp_path):
+    import json
+
+    from service.evaluate import run_evaluate
+    from service.specs import EvaluateSpec
+    from service.tasks.configs import data_files
+
+    rows = [{"query": "Frozen water is", "choices": ["ice", "steam"], "gold": 0}] * 3
+    for path in data_files("copa", tmp_path).values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = EvaluateSpec(
+        model=str(tiny_llama),
+        teacher=str(tiny_llama),
+        tasks=["copa"],
+        limit=2,
+        agreement_prompts=2,
+        agreement_max_new_tokens=6,
+        draft_k=2,
+        speedup_prompts=0,
+    )
+    result = run_evaluate(spec, tmp_path / "eval.json", data_dir=tmp_path)
+    assert result["tasks"]["copa"]["n"] == 2
+    assert result["agreement"]["kl_mean"] == 0.0 and result["agreement"]["prompts"] == 2
+    assert result["speculative"]["acceptance_rate"] == 1.0 and result["speculative"]["k"] == 2
+    assert json.loads((tmp_path / "eval.json").read_text())["agreement"] == result["agreement"]
