@@ -5,10 +5,11 @@ rewrite or its original response, saying why (``service/templates.py``).
     distillery distill --teacher builtin:smollm2-135m-instruct \\
         --dataset ../shared/data/alpaca/alpaca_5000.json --limit 64 --out distilled.jsonl
 
-Output: one line per input row, in input order. A line is the input object with its
-response field (``output``, ``answer``, the last assistant turn, or ``response``)
-replaced by the kept response, as SDFT's ``eval/gen_distilled_data.py`` does, plus
-``response`` (the kept one), ``original_response``, ``distilled`` and ``reason``.
+Output: one line per input row, in input order: the input object as read, plus
+``response`` (the kept one: the rewrite, or the original when a filter rejected it),
+``original_response``, ``distilled`` and ``reason``. ``service/datasets.py`` reads such
+a file back as a dataset whose rows train on ``response`` (SDFT likewise swaps the
+kept prediction into the row, ``eval/gen_distilled_data.py``).
 
 Batches: rows are sorted by prompt length (longest first, so an out-of-memory shows up
 in the first batch) and cut into ``batch_size`` groups that pad little. The plan depends
@@ -81,16 +82,11 @@ def row_seed(seed: int, index: int) -> int:
 
 
 def output_row(row: Row, response: str, distilled: bool, reason: str) -> dict:
-    """The input object with the kept response in its own field, plus provenance."""
+    """The input object unchanged, plus the kept ``response`` and its provenance (a
+    prompt/response row's own ``response`` becomes the kept one; the original stays in
+    ``original_response``). ``service/datasets.py`` reads such a row back with the kept
+    response as the training target."""
     out = copy.deepcopy(row.source)
-    if "messages" in out:
-        out["messages"][-1]["content"] = response
-    elif row.kind == "math":
-        out["answer"] = response
-    elif "prompt" in out or "response" in out:
-        out["response"] = response
-    else:
-        out["output"] = response
     out.update(
         response=response, original_response=row.response, distilled=distilled, reason=reason
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.datasets import read_dataset
+from service.datasets import DISTILLED_FIELDS, read_dataset
 from service.distill import PARTIAL_SUFFIX, read_partial, row_seed, run_distill
 from service.errors import CancelledError, SpecError
 from service.progress import Reporter
@@ -134,11 +134,8 @@ def test_output_rows_are_input_rows_in_order_with_provenance(
     got = read_lines(out)
     assert len(got) == len(rows) == summary["rows"] == 11
     for line, row in zip(got, rows, strict=True):
-        for key, value in row.source.items():
-            if key not in ("output", "answer"):
-                assert line[key] == value
+        assert {k: v for k, v in line.items() if k not in DISTILLED_FIELDS} == row.source
         assert line["original_response"] == row.response
-        assert line["response"] == line.get("output", line.get("answer"))
         assert line["distilled"] == (line["reason"] == "ok")
         if not line["distilled"]:
             assert line["response"] == row.response
@@ -147,21 +144,20 @@ def test_output_rows_are_input_rows_in_order_with_provenance(
     assert summary["distilled"] == reasons.count("ok")
     assert summary["generated_tokens"] > 0 and summary["engine"] == "hf"
     assert not out.with_name(out.name + PARTIAL_SUFFIX).exists()
-    # Math rows were judged on their answer; the output reads back as a dataset.
-    assert {line["reason"] for line in got if "question" in line} <= {
+    assert {line["reason"] for line in got} <= {
         "ok",
-        "no_answer",
-        "answer_mismatch",
-        "truncated",
         "empty",
         "echoed_template",
         "leaked_template",
+        "truncated",
+        "no_answer",
+        "answer_mismatch",
     }
-    gsm = tmp_path / "gsm.jsonl"
-    gsm.write_text("".join(json.dumps(line) + "\n" for line in got if "question" in line))
-    assert [r.response for r in read_dataset(gsm)] == [
-        line["response"] for line in got if "question" in line
-    ]
+    # The output reads back as a dataset that trains on the kept responses.
+    back = read_dataset(out)
+    assert [r.response for r in back] == [line["response"] for line in got]
+    assert [r.prompt for r in back] == [r.prompt for r in rows]
+    assert [r.kind for r in back] == [r.kind for r in rows]
 
 
 KILL_SCRIPT = """
@@ -323,3 +319,9 @@ def test_builtin_teacher_rewrites_alpaca_rows(session_home, alpaca_file, tmp_pat
     assert summary["rows"] == 4 and len(got) == 4
     assert summary["generated_tokens"] > 4 * 4  # real text, not EOS at once
     assert all(line["response"].strip() for line in got)
+
+
+def test_batches_group_similar_lengths_longest_first():
+    from service.distill import plan_batches
+
+    assert plan_batches([3, 9, 1, 9, 5], 2) == [[1, 3], [4, 0], [2]]
