@@ -109,8 +109,25 @@ def api(api_url, tenant_key) -> httpx.Client:
         yield client
 
 
-def start_worker(queues: str, url: str, home: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1")
+@pytest.fixture(scope="session")
+def eval_data(tmp_path_factory) -> Path:
+    """Evaluation data for the workers: the generated ``arith`` task, and
+    ``arith_rows.jsonl`` training rows (``service/synthetic.py``)."""
+    from service.synthetic import write_synthetic
+
+    folder = tmp_path_factory.mktemp("eval-data")
+    write_synthetic(folder, rows=12, mc_docs=20)
+    return folder
+
+
+def start_worker(queues: str, url: str, home: Path, log: Path, eval_data: Path) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        REDIS_URL=url,
+        DISTILLERY_HOME=str(home),
+        DISTILLERY_EVAL_DATA=str(eval_data),
+        PYTHONUNBUFFERED="1",
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "workers.worker", "--queues", queues],
         cwd=ROOT,
@@ -136,14 +153,14 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 @pytest.fixture(scope="session")
-def workers(redis_server, session_home, tmp_path_factory):
+def workers(redis_server, session_home, tmp_path_factory, eval_data):
     """One teacher and one trainer worker, as `distillery up` runs them; their logs are
     under the yielded folder."""
     from rq import Queue, Worker
 
     logs = tmp_path_factory.mktemp("worker-logs")
     procs = {
-        q: start_worker(q, redis_server.url, session_home, logs / f"{q}.log")
+        q: start_worker(q, redis_server.url, session_home, logs / f"{q}.log", eval_data)
         for q in ("teacher", "train")
     }
     conn = redis.Redis.from_url(redis_server.url)

@@ -1,0 +1,91 @@
+"""A pipeline job through the API: one job to the caller, its steps run as RQ
+dependencies on the teacher and train workers, and the summary table at the end."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest_plugins = ["tests.redis_fixture"]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = [
+    "prune", "distill", "finetune",
+    "evaluate baseline", "evaluate pruned", "evaluate recovered", "report",
+]  # fmt: skip
+
+
+def upload_rows(api, eval_data) -> str:
+    body = (eval_data / "arith_rows.jsonl").read_bytes()
+    r = api.post("/v1/datasets", content=body, headers={"Content-Type": "application/x-ndjson"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def pipeline_body(tiny_llama, ds) -> dict:
+    return {"type": "pipeline", "model": str(tiny_llama), "dataset": ds, "blocks": 2,
+            "samples": 8, "limit": 8, "max_new_tokens": 8, "epochs": 1, "tasks": ["arith"],
+            "eval_limit": 10}  # fmt: skip
+
+
+def wait_job(api, job_id, timeout) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"pipeline still {job['status']}: {job['children']}")
+
+
+def test_pipeline_job(api, workers, tiny_llama, eval_data):
+    ds = upload_rows(api, eval_data)
+    r = api.post("/v1/jobs", json=pipeline_body(tiny_llama, ds))
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert [c["step"] for c in job["children"]] == STEPS
+    assert all(c["status"] in ("queued", "running") for c in job["children"])
+
+    done = wait_job(api, job["id"], timeout=900)
+    assert done["status"] == "succeeded", (done["error"], done["children"])
+    assert all(c["status"] == "succeeded" for c in done["children"])
+    summary = done["metrics"]
+    assert summary["layers"] == [6, 4] and len(summary["removed_layers"]) == 2
+    assert set(summary["eval"]) == {"baseline", "pruned", "recovered"}
+    assert summary["eval"]["baseline"]["retention"] == pytest.approx(1.0)
+    assert "| recovered |" in summary["table"] and "arith" in summary["table"]
+
+    arts = done["artifacts"]
+    recovered = api.get(f"/v1/models/{arts['recovered']}").json()
+    assert recovered["op"] == "finetune" and recovered["parents"] == [
+        arts["pruned"],
+        arts["distilled"],
+    ]
+    chain = [step["ref"] for step in recovered["lineage"]]
+    assert chain[:2] == [arts["recovered"], arts["pruned"]] and str(tiny_llama) in chain
+    assert recovered["info"]["num_hidden_layers"] == 4
+    distilled = api.get(f"/v1/datasets/{arts['distilled']}").json()
+    assert distilled["rows"] == 8
+    result = api.get(f"/v1/jobs/{job['id']}/result").json()
+    assert result["artifacts"] == arts and result["metrics"]["table"] == summary["table"]
+    # one job to the caller: the steps are not listed on their own
+    assert [j["id"] for j in api.get("/v1/jobs").json()["data"]] == [job["id"]]
+    models = {m["id"] for m in api.get("/v1/models").json()["data"]}
+    assert {arts["pruned"], arts["recovered"]} <= models
+
+
+def test_cancelling_a_pipeline_cancels_its_steps(api, workers, tiny_llama, eval_data):
+    ds = upload_rows(api, eval_data)
+    job = api.post("/v1/jobs", json=pipeline_body(tiny_llama, ds)).json()
+    r = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        children = api.get(f"/v1/jobs/{job['id']}").json()["children"]
+        if all(c["status"] in ("cancelled", "succeeded", "failed") for c in children):
+            break
+        time.sleep(0.5)
+    statuses = {c["step"]: c["status"] for c in children}
+    assert statuses["report"] == statuses["finetune"] == "cancelled", statuses
+    assert "failed" not in statuses.values()
