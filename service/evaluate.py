@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from service.errors import DistilleryError
+from service.errors import DistilleryError, ModelError
 from service.models import pick_device, pick_dtype, resolve_model
 from service.progress import Reporter
 from service.settings import get_settings
@@ -65,8 +65,8 @@ def check_data(tasks: list[str], data_dir: Path) -> None:
 
 
 def quiet_libraries() -> None:
-    """lm-eval, datasets and transformers log and draw bars freely; keep errors and
-    warnings only."""
+    """lm-eval, datasets and transformers log and draw bars freely. lm-eval keeps its
+    errors only (its warnings here are the --limit caveat and whitespace hints)."""
     import datasets
     import transformers
 
@@ -100,7 +100,7 @@ def load_lm(ref: str, batch_size: int):
             batch_size=batch_size,
         )
     except Exception as exc:
-        raise DistilleryError(f"cannot load model {ref!r} from {path}: {exc}") from exc
+        raise ModelError(f"cannot load model {ref!r} from {path}: {exc}") from exc
 
 
 def _number(value: Any) -> float | None:
