@@ -170,7 +170,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
             p.add_argument("--out", required=True, help="Where to write the result.")
         if name == "finetune":
             p.add_argument(
-                "--resume", action="store_true", help="Continue from the last checkpoint in --out."
+                "--resume", action="store_true", help="Continue from the checkpoint <out>.ckpt that an interrupted run left."
             )
         if name in ("evaluate", "run"):
             p.add_argument(
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        hint = " with --resume" if getattr(args, "command", "") == "finetune" else ""
+        print(f"interrupted; rerun the same command{hint} to resume", file=sys.stderr)
         return 130
     if result is not None:
         _print_json(result)
