@@ -13,7 +13,7 @@ A SimpleWorker runs the job in its main thread and so cannot send heartbeats whi
 long job runs; :class:`DistilleryWorker` sends them from a side thread. The heartbeats
 keep the worker visible to ``/readyz`` and keep the job out of RQ's abandoned-job
 cleanup; when they stop (the worker died), RQ requeues the job within about
-``job_monitoring_interval + 60`` seconds plus one maintenance interval, and it resumes.
+``3 * job_monitoring_interval + 10`` seconds plus one maintenance interval, and it resumes.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ class DistilleryWorker(SimpleWorker):
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         # Jobs run with job_timeout=-1 (they time themselves out); SimpleWorker would then
-        # use RQ's 420 s default. Our side thread beats every MONITOR_INTERVAL, so a dead
-        # worker's job is found abandoned after this many seconds.
-        return self.job_monitoring_interval + 60
+        # use RQ's 420 s default. Our side thread beats every job_monitoring_interval; three
+        # missed beats (plus slack for a loaded machine) and the job counts as abandoned.
+        return 3 * self.job_monitoring_interval + 10
 
 
 def parse_queues(text: str) -> list[str]:
@@ -81,6 +81,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="Redis URL (default: REDIS_URL, or the `distillery up` one).")
     p.add_argument("--name", help="Worker name (default: random).")
     p.add_argument("--burst", action="store_true", help="Exit when the queues are empty.")
+    p.add_argument(
+        "--monitor-interval",
+        type=int,
+        default=MONITOR_INTERVAL,
+        help="Seconds between heartbeats while a job runs; a job is abandoned after "
+        "3 missed beats + 10 s.",
+    )
+    p.add_argument(
+        "--maintenance-interval",
+        type=int,
+        default=MAINTENANCE_INTERVAL,
+        help="Seconds between sweeps that requeue abandoned jobs.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         connection=conn,
         worker_ttl=WORKER_TTL,
-        job_monitoring_interval=MONITOR_INTERVAL,
-        maintenance_interval=MAINTENANCE_INTERVAL,
+        job_monitoring_interval=args.monitor_interval,
+        maintenance_interval=args.maintenance_interval,
     )
     worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
     return 0
