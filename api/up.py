@@ -191,6 +191,8 @@ def up(host: str = "127.0.0.1", port: int = 8000) -> int:
         log(f"port {port} on {host} is in use (pass --port)")
         return 1
     sup = Supervisor(home, host, port)
+    pid_file = home / "up.pid"
+    pid_file.write_text(f"{os.getpid()}\n")  # `kill -INT $(cat up.pid)` stops the service
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
@@ -217,4 +219,5 @@ def up(host: str = "127.0.0.1", port: int = 8000) -> int:
         if not sup.stopping:
             sup.stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        pid_file.unlink(missing_ok=True)
     return 0

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -311,3 +312,29 @@ def test_readiness(api, workers, redis_server):
     with TestClient(create_app("redis://127.0.0.1:1/0")) as client:
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["redis"] is False
+
+
+def test_sse_stream_survives_quiet_periods(api, redis_conn):
+    """No event for longer than the blocking read (5 s) and redis-py's default socket
+    timeout: the stream sends a keep-alive and goes on."""
+    import threading
+
+    from workers import records
+    from workers.keys import tenant_for
+
+    owner = tenant_for(redis_conn, api.headers["Authorization"].split()[1])
+    job = records.create(redis_conn, tenant=owner, type="prune", spec={}, queue="train")
+
+    def later():
+        time.sleep(7)
+        records.transition(redis_conn, job["id"], ("queued",), "running")
+        records.transition(redis_conn, job["id"], ("running",), "succeeded")
+
+    threading.Thread(target=later, daemon=True).start()
+    with api.stream(
+        "GET", f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}
+    ) as r:
+        lines = list(r.iter_lines())
+    assert ": keep-alive" in lines
+    messages = [json.loads(x[6:])["message"] for x in lines if x.startswith("data: ")]
+    assert messages == ["queued", "running", "succeeded"]

@@ -179,7 +179,8 @@ async def stream_events(
 ) -> AsyncIterator[str]:
     """Replay events after ``after``, then follow live ones (XREAD BLOCK) until the job
     ends. A comment line every ``block_ms`` keeps proxies from closing an idle stream."""
-    conn = aredis.Redis.from_url(url)
+    # redis-py's default 5 s socket timeout would cut a blocking XREAD short.
+    conn = aredis.Redis.from_url(url, socket_timeout=block_ms / 1000 + 10)
     key = records.events_key(job_id)
     cursor = after or "0-0"
     try:
