@@ -61,7 +61,7 @@ def plot_distances(prune: dict, path: Path) -> Path:
         ax.set_title("Block Influence per block (red: removed)")
         return _save(fig, path)
     m, sizes = distance_matrix(distances, depth)
-    fig, ax = plt.subplots(figsize=(7.5, 6))
+    fig, ax = plt.subplots(figsize=(7, 5.5))
     im = ax.imshow(
         m, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
         extent=(min(sizes) - 0.5, max(sizes) + 0.5, -0.5, depth - 0.5),
@@ -134,8 +134,11 @@ def plot_accuracy(evals: dict[str, dict], path: Path) -> Path:
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("accuracy")
-    top = max([1e-3] + [r.get("acc") or 0 for e in evals.values() for r in e["tasks"].values()])
-    ax.set_ylim(0, min(1.05, top * 1.25))
+    top = max(
+        [1e-3]
+        + [(r.get("acc") or 0) + (r.get("acc_stderr") or 0) for e in evals.values() for r in e["tasks"].values()]
+    )  # fmt: skip
+    ax.set_ylim(0, min(1.1, top * 1.3))  # headroom for the labels and the legend
     ax.legend(loc="upper left", ncols=len(names))
     ax.set_title("Accuracy per task (error bars: standard error)")
     return _save(fig, path)
