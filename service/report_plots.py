@@ -129,7 +129,7 @@ def plot_accuracy(evals: dict[str, dict], path: Path) -> Path:
         errs = [e["tasks"].get(t, {}).get("acc_stderr") for t in tasks] + [None]
         xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
         vals = [a if a is not None else math.nan for a in accs]
-        yerr = [s if s is not None else 0.0 for s in errs]
+        yerr = [s if s is not None else math.nan for s in errs]
         bars = ax.bar(xs, vals, width, yerr=yerr, capsize=3, label=name, color=_colour(name, i))
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_xticks(range(len(groups)), groups)
