@@ -34,6 +34,8 @@ def create_app(redis_url: str | None = None) -> FastAPI:
     # run in FastAPI's threadpool. health_check_interval re-checks idle connections, so a
     # restarted Redis is picked up again without restarting the API.
     app.state.redis = redis.Redis.from_url(url, health_check_interval=30)
+    # The hot, I/O-only paths (auth, job status) use an asyncio client instead, made on
+    # first use in the server's event loop (api/deps.py), so they need no threadpool hop.
     errors.install(app)
     for module in (datasets, jobs, distill, models, health):
         app.include_router(module.router)

@@ -1,30 +1,55 @@
 """Typed dependencies: a route's signature reads like a sentence
-(``def get_job(job_id: str, tenant: TenantDep, conn: RedisDep)``)."""
+(``def get_job(job_id: str, tenant: TenantDep, conn: RedisDep)``).
+
+The dependencies are ``async`` and the key lookup uses the asyncio Redis client: a sync
+dependency costs a hop to the threadpool per request, which dominated the time of a
+status poll (bench/api_load.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import redis
+import redis.asyncio as aredis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.settings import Settings, get_settings
 from service.store import ArtifactStore
-from workers.keys import tenant_for
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+from workers.keys import KEYS_HASH, hash_key
 
 
-def get_redis(request: Request) -> redis.Redis:
+async def settings() -> Settings:
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(settings)]
+
+
+async def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 
 
-def get_store(settings: SettingsDep) -> ArtifactStore:
-    return ArtifactStore(settings.home_dir())
+async def get_aredis(request: Request) -> aredis.Redis:
+    """The app's asyncio client, made in (and bound to) the running event loop: a server
+    has one loop, but a TestClient may start a new loop per request."""
+    state = request.app.state
+    loop = asyncio.get_running_loop()
+    if getattr(state, "aredis_loop", None) is not loop:
+        state.aredis = aredis.Redis.from_url(state.redis_url, health_check_interval=30)
+        state.aredis_loop = loop
+    return state.aredis
+
+
+ARedisDep = Annotated[aredis.Redis, Depends(get_aredis)]
+
+
+async def get_store(s: SettingsDep) -> ArtifactStore:
+    return ArtifactStore(s.home_dir())
 
 
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
@@ -32,8 +57,8 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 _bearer = HTTPBearer(auto_error=False, description="An API key: `distillery keys create`.")
 
 
-def get_tenant(
-    conn: RedisDep,
+async def get_tenant(
+    conn: ARedisDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """The tenant owning the bearer key; 401 without a valid one."""
@@ -41,10 +66,10 @@ def get_tenant(
         raise HTTPException(
             401, "missing API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
         )
-    tenant = tenant_for(conn, credentials.credentials)
+    tenant = await conn.hget(KEYS_HASH, hash_key(credentials.credentials))
     if tenant is None:
         raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
-    return tenant
+    return tenant.decode()
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]

@@ -122,7 +122,13 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     if job is None:
         raise DistilleryError(f"no job record {job_id}")
     if job["type"] == "report":
-        return finish_pipeline(conn, job)
+        if not start(conn, job):
+            return records.status(conn, job_id) or "unknown"
+        try:
+            return finish_pipeline(conn, job)
+        except Exception as exc:
+            end(conn, job, "failed", error=error_doc(exc, "report"))
+            raise StepFailed(str(exc)) from exc
     if not start(conn, job):
         return records.status(conn, job_id) or "unknown"
     settings = get_settings()
@@ -199,8 +205,6 @@ def finish_pipeline(conn: redis.Redis, report_job: dict) -> str:
     """The pipeline's last step: gather the steps' results into the summary table."""
     from service.pipeline import format_table, retention
 
-    if not start(conn, report_job):
-        return records.status(conn, report_job["id"]) or "unknown"
     parent = records.get(conn, report_job["parent"])
     steps = {c["step"]: c for c in (records.get(conn, cid) for cid in parent["children"]) if c}
     prune, distill, finetune = (steps[k]["metrics"] for k in ("prune", "distill", "finetune"))
@@ -226,7 +230,7 @@ def finish_pipeline(conn: redis.Redis, report_job: dict) -> str:
         "seconds": {
             name: round((c["finished_at"] or 0) - (c["started_at"] or 0), 1)
             for name, c in steps.items()
-            if c["started_at"]
+            if c["started_at"] and c["finished_at"]  # not the report itself: it is running
         },
     }
     summary["table"] = format_table(summary)

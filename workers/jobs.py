@@ -85,7 +85,11 @@ def teacher_job(job_id: str, job_type: str, spec: dict) -> str:
 def train_job(job_id: str, job_type: str, spec: dict) -> str:
     conn = _connection()
     if job_type == "report":  # gathers results only: cheap, no model, no child
-        return execute(conn, job_id)
+        try:
+            return execute(conn, job_id)
+        except StepFailed:
+            _no_retry()
+            raise
     SPECS[job_type].model_validate(spec)
     job = records.get(conn, job_id)
     if job is None or job["status"] in records.TERMINAL:

@@ -146,6 +146,22 @@ def get(conn: redis.Redis, job_id: str) -> dict | None:
     return decode(raw) if raw else None
 
 
+async def aget(aconn, job_id: str) -> dict | None:
+    """``get`` on an asyncio client (the API's status route)."""
+    if not job_id.startswith("job_"):
+        return None
+    raw = await aconn.hgetall(job_key(job_id))
+    return decode(raw) if raw else None
+
+
+async def aget_many(aconn, job_ids: list[str]) -> list[dict]:
+    async with aconn.pipeline(transaction=False) as p:
+        for jid in job_ids:
+            p.hgetall(job_key(jid))
+        raws = await p.execute()
+    return [decode(raw) for raw in raws if raw]
+
+
 def update(conn: redis.Redis, job_id: str, **fields: Any) -> None:
     """Set fields; JSON fields are serialised, others stored as text."""
     mapping = {k: (_dumps(v) if k in JSON_FIELDS else str(v)) for k, v in fields.items()}

@@ -16,7 +16,7 @@ import redis.asyncio as aredis
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
-from api.deps import RedisDep, StoreDep, TenantDep
+from api.deps import ARedisDep, RedisDep, StoreDep, TenantDep
 from api.schemas import (
     EventPublic,
     EventsPublic,
@@ -110,8 +110,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", summary="A job: status, progress, metrics, error, artifacts")
-def get_job(job_id: str, tenant: TenantDep, conn: RedisDep) -> JobPublic:
-    return job_public(conn, load_job(conn, job_id, tenant))
+async def get_job(job_id: str, tenant: TenantDep, aconn: ARedisDep) -> JobPublic:
+    # async all the way: this is the route pollers hit (bench/api_load.py)
+    rec = await records.aget(aconn, job_id)
+    if rec is None or rec["tenant"] != tenant:
+        raise NotFound(f"no job {job_id!r}")
+    children = await records.aget_many(aconn, rec["children"]) if rec["children"] else []
+    return JobPublic.from_record(rec, children)
 
 
 @router.post("/{job_id}/cancel", summary="Cancel queued or running work")
