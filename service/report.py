@@ -106,6 +106,11 @@ def section_summary(d: dict, flops: dict | None) -> list[Block]:
         items.append(
             f"distilled {d['distill'].get('rows')} rows, "
             f"{_pct(d['distill']['distilled_fraction'], 0)} rewritten by the teacher"
+            + (
+                " (" + ", ".join(f"{k} {v}" for k, v in d["distill"]["reasons"].items()) + ")"
+                if isinstance(d["distill"].get("reasons"), dict)
+                else ""
+            )
         )
     base = d["evals"].get("baseline")
     for name, e in d["evals"].items():
@@ -274,27 +279,47 @@ def section_flops(flops: dict | None) -> list[Block]:
     ]  # fmt: skip
 
 
-def section_specs(d: dict) -> list[Block]:
-    blocks: list[Block] = []
-    specs = {"pipeline": d["pipeline_spec"]}
-    if d["prune"]:
-        keep = ("model", "calibration", "metric", "samples", "tokens", "removed_layers")
+def _step_specs(run_dir: Path, pipeline_spec: dict | None) -> dict:
+    """The child specs the pipeline ran (service/pipeline.py step_specs), by step."""
+    if not pipeline_spec:
+        return {}
+    from service.pipeline import step_specs
+    from service.specs import PipelineSpec
+
+    try:
+        steps = step_specs(PipelineSpec(**pipeline_spec), run_dir)
+    except Exception:  # a spec of another version: show what the files say instead
+        return {}
+    out = {k: v.model_dump(mode="json") for k, v in steps.items() if k != "evaluate"}
+    out.update({f"evaluate {n}": v.model_dump(mode="json") for n, v in steps["evaluate"].items()})
+    return out
+
+
+def section_specs(run_dir: Path, d: dict) -> list[Block]:
+    """Every spec used: the pipeline's, each step's (from the pipeline spec, else from the
+    step's own output), and the teacher options an evaluation actually ran with."""
+    specs: dict[str, Any] = {
+        "pipeline": d["pipeline_spec"],
+        **_step_specs(run_dir, d["pipeline_spec"]),
+    }
+    if d["prune"] and "prune" not in specs:
+        keep = ("model", "calibration", "metric", "samples")
         specs["prune"] = {k: d["prune"].get(k) for k in keep}
-    if d["distill"]:
-        specs["distill"] = d["distill"].get("spec") or {
-            k: v for k, v in d["distill"].items() if not isinstance(v, list | dict)
-        }
-    if d["train"]:
-        specs["finetune"] = d["train"].get("spec")
+    if d["distill"] and "distill" not in specs:
+        specs["distill"] = d["distill"].get("spec")
+    if d["train"] and d["train"].get("spec"):
+        specs["finetune"] = d["train"]["spec"]  # the one it trained with
     for name, e in d["evals"].items():
-        ev = {k: e.get(k) for k in ("model", "limit", "data_dir")}
-        ev["tasks"] = list(e["tasks"])
+        ev = specs.get(f"evaluate {name}") or {
+            "model": e.get("model"), "tasks": list(e["tasks"]), "limit": e.get("limit"),
+        }  # fmt: skip
         if e.get("agreement"):
             a, s = e["agreement"], e.get("speculative") or {}
-            ev.update(teacher=a.get("teacher"), agreement_dataset=a.get("source"),
-                      agreement_prompts=a.get("prompts"), agreement_max_new_tokens=a.get("max_new_tokens"),
-                      draft_k=s.get("k"))  # fmt: skip
+            ev = {**ev, "teacher": a.get("teacher"), "agreement_dataset": a.get("source"),
+                  "agreement_prompts": a.get("prompts"), "agreement_max_new_tokens": a.get("max_new_tokens"),
+                  "draft_k": s.get("k"), "speedup_prompts": (s.get("assisted") or {}).get("prompts", 0)}  # fmt: skip
         specs[f"evaluate {name}"] = ev
+    blocks: list[Block] = []
     for name, spec in specs.items():
         if spec:
             blocks += [("p", f"**{name}**"), ("code", json.dumps(spec, indent=2))]
@@ -323,7 +348,7 @@ def build_sections(run_dir: Path, d: dict) -> tuple[list[tuple[str, list[Block]]
         section_agreement(d),
         section_speculative(d),
         section_flops(flops),
-        section_specs(d),
+        section_specs(run_dir, d),
     ]
     return list(zip(SECTIONS, bodies, strict=True)), images
 
