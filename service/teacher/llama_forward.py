@@ -1,0 +1,288 @@
+"""The forward pass of a Llama-family Hugging Face model, written out on its own weights.
+
+The fast engine calls :meth:`LlamaForward.prefill` and :meth:`LlamaForward.decode` instead
+of ``model(...)``: one fused q/k/v product and one fused gate/up product per block, a
+:class:`~service.teacher.kv.SlotCache` written in place (no ``torch.cat`` per step), no mask
+building or output objects, and the LM head only on the rows that pick a token.
+
+Every operation repeats the one ``transformers/models/llama/modeling_llama.py`` runs, in
+the same order (RMSNorm in fp32 with ``rsqrt(mean(x^2) + eps)``, RoPE as ``x*cos +
+rotate_half(x)*sin`` with cos/sin from the model's own ``rotary_emb``, SDPA as
+``integrations/sdpa_attention.py`` calls it: ``is_causal`` + ``enable_gqa`` for a fresh
+prompt, the query heads packed per key/value head with a boolean mask for one new token),
+so greedy tokens match ``generate``'s up to fp32 reduction order (different matrix shapes
+sum in a different order; a near-tie in the logits can then flip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from service.teacher.kv import SlotCache
+
+# Architectures whose decoder block is Llama's (optionally with q/k/v biases: Qwen2).
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# RoPE variants whose cos/sin do not depend on the sequence length ("dynamic" and
+# "longrope" rescale with it, which a precomputed table cannot follow).
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why :class:`LlamaForward` cannot run ``model`` exactly, or None when it can."""
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED_TYPES:
+        return f"model type {cfg.model_type!r} is not one of {SUPPORTED_TYPES}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} is not silu"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in STATIC_ROPE:
+        return f"rope type {rope.get('rope_type')!r} depends on the sequence length"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention is not implemented"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "not a decoder-only model with model.layers and model.rotary_emb"
+    return None
+
+
+@dataclass
+class _Block:
+    ln1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o: torch.Tensor
+    o_b: torch.Tensor | None
+    ln2: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight for several linears sharing an input; the modules get views into it so
+    the model keeps working and no weight is stored twice."""
+    w = torch.cat([m.weight.detach() for m in linears]).contiguous()
+    b = None
+    if linears[0].bias is not None:
+        b = torch.cat([m.bias.detach() for m in linears]).contiguous()
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = w[start : start + rows]
+        if b is not None:
+            m.bias.data = b[start : start + rows]
+        start += rows
+    return w, b
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # LlamaRMSNorm.forward, op for op.
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # apply_rotary_pos_emb with rotate_half, op for op.
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+class LlamaForward:
+    def __init__(self, model):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(reason)
+        cfg = model.config
+        inner = model.model
+        attn0 = inner.layers[0].self_attn
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = attn0.head_dim
+        self.scaling = attn0.scaling
+        self.eps = cfg.rms_norm_eps
+        self.intermediate = cfg.intermediate_size
+        self.layers = len(inner.layers)
+        self.embed = inner.embed_tokens.weight.detach()
+        self.norm = inner.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()
+        self.lm_head_b = None if model.lm_head.bias is None else model.lm_head.bias.detach()
+        self.rotary = inner.rotary_emb
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+        self.blocks = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv, qkv_b = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            gate_up, gate_up_b = _fuse([m.gate_proj, m.up_proj])
+            self.blocks.append(
+                _Block(
+                    ln1=layer.input_layernorm.weight.detach(),
+                    qkv=qkv,
+                    qkv_b=qkv_b,
+                    o=a.o_proj.weight.detach(),
+                    o_b=None if a.o_proj.bias is None else a.o_proj.bias.detach(),
+                    ln2=layer.post_attention_layernorm.weight.detach(),
+                    gate_up=gate_up,
+                    gate_up_b=gate_up_b,
+                    down=m.down_proj.weight.detach(),
+                    down_b=None if m.down_proj.bias is None else m.down_proj.bias.detach(),
+                )
+            )
+        self._cos = self._sin = torch.empty(0)
+
+    def cache_bytes(self, slots: int, max_len: int) -> int:
+        per = self.layers * self.kv_heads * max_len * self.head_dim * self.embed.element_size()
+        return 2 * slots * per
+
+    def new_cache(self, slots: int, max_len: int) -> SlotCache:
+        return SlotCache(
+            self.layers, slots, self.kv_heads, max_len, self.head_dim, self.dtype, self.device
+        )
+
+    def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos.shape[0] < length:
+            pos = torch.arange(length, device=self.device)[None]
+            probe = torch.empty(0, dtype=self.dtype, device=self.device)
+            cos, sin = self.rotary(probe, position_ids=pos)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos, self._sin
+
+    def _mlp(self, x: torch.Tensor, b: _Block) -> torch.Tensor:
+        h = rms_norm(x, b.ln2, self.eps)
+        gu = F.linear(h, b.gate_up, b.gate_up_b)
+        i = self.intermediate
+        return x + F.linear(F.silu(gu[:, :i]) * gu[:, i:], b.down, b.down_b)
+
+    def _split_qkv(self, qkv: torch.Tensor):
+        t = qkv.shape[0]
+        qd, kd = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q = qkv[:, :qd].view(t, self.heads, self.head_dim)
+        k = qkv[:, qd : qd + kd].view(t, self.kv_heads, self.head_dim)
+        v = qkv[:, qd + kd :].view(t, self.kv_heads, self.head_dim)
+        return q, k, v
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head, self.lm_head_b)
+
+    @torch.inference_mode()
+    def prefill(
+        self, cache: SlotCache, slots: list[int], seqs: list[list[int]], start: int = 0
+    ) -> torch.Tensor:
+        """Run prompts ``seqs`` (token ids following ``start`` positions already in their
+        slots: a shared prefix) into ``slots``; return each one's last-position logits.
+
+        The prompts share the linear products (one matrix of all their tokens) and each
+        gets its own causal attention."""
+        lengths = [len(s) for s in seqs]
+        ids = torch.tensor([t for s in seqs for t in s], device=self.device)
+        pos = torch.cat([torch.arange(start, start + n, device=self.device) for n in lengths])
+        cos_t, sin_t = self._rope_table(start + max(lengths))
+        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)
+        spans, a = [], 0
+        for n in lengths:
+            spans.append((a, a + n))
+            a += n
+        masks = {}
+        if start:
+            for n in set(lengths):
+                qp = torch.arange(start, start + n, device=self.device)[:, None]
+                masks[n] = qp >= torch.arange(start + n, device=self.device)[None, :]
+        x = F.embedding(ids, self.embed)
+        for li, b in enumerate(self.blocks):
+            h = rms_norm(x, b.ln1, self.eps)
+            q, k, v = self._split_qkv(F.linear(h, b.qkv, b.qkv_b))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kl, vl = cache.k[li], cache.v[li]
+            outs = []
+            for slot, (s, e) in zip(slots, spans, strict=True):
+                n = e - s
+                ki, vi = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
+                kl[slot, :, start : start + n] = ki
+                vl[slot, :, start : start + n] = vi
+                qi = q[s:e].transpose(0, 1).unsqueeze(0)
+                if start == 0:
+                    o = F.scaled_dot_product_attention(
+                        qi, ki[None], vi[None], is_causal=True, scale=self.scaling, enable_gqa=True
+                    )
+                else:
+                    o = F.scaled_dot_product_attention(
+                        qi,
+                        kl[slot : slot + 1, :, : start + n],
+                        vl[slot : slot + 1, :, : start + n],
+                        attn_mask=masks[n],
+                        scale=self.scaling,
+                        enable_gqa=True,
+                    )
+                outs.append(o[0].transpose(0, 1).reshape(n, -1))
+            att = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + F.linear(att, b.o, b.o_b)
+            x = self._mlp(x, b)
+        last = torch.tensor([e - 1 for _, e in spans], device=self.device)
+        return self.logits(x[last])
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        cache: SlotCache,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        groups: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """One new token for each of the slots ``0..n-1``, at positions ``pos``; logits [n, V].
+
+        ``groups``: contiguous slot ranges ``(a, b)`` attended separately, each over its own
+        longest length, so a short sequence does not read keys up to the longest one's
+        length (``kv.split_by_length`` picks them)."""
+        n = tokens.shape[0]
+        groups = groups or [(0, n)]
+        pos_list = pos.tolist()
+        cos_t, sin_t = self._rope_table(max(pos_list) + 1)
+        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)
+        ar = torch.arange(max(pos_list) + 1, device=self.device)
+        spans = []
+        for a, b in groups:
+            length = max(pos_list[a:b]) + 1
+            keep = ar[None, :length] <= pos[a:b, None]
+            spans.append((a, b, length, keep.view(b - a, 1, 1, length)))
+        # Flat row of each (slot, kv head) at its position, for one index_copy_ per layer.
+        heads_kv = torch.arange(self.kv_heads, device=self.device)
+        rows = (
+            (torch.arange(n, device=self.device)[:, None] * self.kv_heads + heads_kv)
+            * cache.max_len
+            + pos[:, None]
+        ).reshape(-1)
+        qk_heads, per_kv = self.heads + self.kv_heads, self.heads // self.kv_heads
+        x = F.embedding(tokens, self.embed)
+        for li, b in enumerate(self.blocks):
+            h = rms_norm(x, b.ln1, self.eps)
+            qkv = F.linear(h, b.qkv, b.qkv_b)
+            # q and k side by side: one RoPE call for both (elementwise, same values).
+            qk = apply_rope(
+                qkv[:, : qk_heads * self.head_dim].view(n, qk_heads, self.head_dim), cos, sin
+            )
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            v = qkv[:, qk_heads * self.head_dim :]
+            kl, vl = cache.k[li], cache.v[li]
+            kl.view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
+            vl.view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
+            # pack_gqa: the query heads of one key/value head form its "sequence".
+            qg = q.reshape(n, self.kv_heads, per_kv, self.head_dim)
+            outs = [
+                F.scaled_dot_product_attention(
+                    qg[a:b],
+                    kl[a:b, :, :length],
+                    vl[a:b, :, :length],
+                    attn_mask=mask,
+                    scale=self.scaling,
+                )
+                for a, b, length, mask in spans
+            ]
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + F.linear(o.reshape(n, -1), b.o, b.o_b)
+            x = self._mlp(x, b)
+        return self.logits(x)
