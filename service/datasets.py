@@ -107,7 +107,7 @@ def normalise(obj: Any, line: int) -> tuple[Row | None, list[RowError]]:
 
 
 # Fields a distilled row adds to its input row (see service/distill.py).
-DISTILLED_FIELDS = ("response", "original_response", "distilled", "reason")
+DISTILLED_FIELDS = ("response", "original_response", "distilled", "reason", "rejected_rewrite")
 
 
 def _from_distilled(obj: dict, line: int) -> tuple[Row | None, list[RowError]]:

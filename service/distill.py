@@ -81,15 +81,20 @@ def row_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: fits every engine's seed
 
 
-def output_row(row: Row, response: str, distilled: bool, reason: str) -> dict:
+def output_row(
+    row: Row, response: str, distilled: bool, reason: str, rewrite: str | None = None
+) -> dict:
     """The input object unchanged, plus the kept ``response`` and its provenance (a
     prompt/response row's own ``response`` becomes the kept one; the original stays in
     ``original_response``). ``service/datasets.py`` reads such a row back with the kept
-    response as the training target."""
+    response as the training target. A rejected rewrite is kept in ``rejected_rewrite``
+    so the filter's decisions can be inspected (and prompt layouts compared)."""
     out = copy.deepcopy(row.source)
     out.update(
         response=response, original_response=row.response, distilled=distilled, reason=reason
     )
+    if not distilled and rewrite is not None:
+        out["rejected_rewrite"] = rewrite
     return out
 
 
@@ -136,7 +141,7 @@ def distill_pairs(
             index, row = pairs[k]
             if index in done:
                 continue
-            kept = output_row(row, *judge(row, spec.template, gen))
+            kept = output_row(row, *judge(row, spec.template, gen), rewrite=gen.text)
             finished.append(Finished(index, kept, gen.tokens))
         yield finished
 

@@ -33,6 +33,16 @@ BUILTINS = {
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
 
+def apply_threads() -> None:
+    """Apply DISTILLERY_THREADS (torch intra-op threads) when set; torch's default is one
+    thread per core. Called wherever a model is resolved or loaded."""
+    from service.settings import get_settings
+
+    threads = get_settings().threads
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,6 +100,7 @@ def resolve_model(ref: str, home: Path | None = None) -> Path:
     from service.store import ArtifactStore, is_artifact_id
 
     home = home or get_settings().home_dir()
+    apply_threads()
     if not isinstance(ref, str) or not ref.strip():
         raise ModelError("model reference must be a non-empty string")
     if ref.startswith("builtin:"):
