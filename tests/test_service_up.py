@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import ALPACA_ROWS
+from tests.redis_fixture import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,8 @@ def test_up_runs_a_job_stops_cleanly_and_keeps_it(tmp_path, tiny_llama):
         wait_ready(url, proc, home)
         key_file = home / "api_key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        assert key_file.read_text().strip() in (home / "up.err").read_text()  # printed once
+        printed = wait_for(lambda: "API key" in (home / "up.err").read_text(), 30, 0.2, "the key")
+        assert printed and key_file.read_text().strip() in (home / "up.err").read_text()
 
         up = cli(home, url, "datasets", "upload", str(data))
         assert up.returncode == 0, up.stderr
