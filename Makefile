@@ -39,7 +39,11 @@ format: install
 run-local: install
 	$(PY) -m bench.main_job --data-dir $(DATA) --out $(RUN_DIR)
 
-run: run-local
+# The main job through the HTTP API: starts `distillery up` if no service answers,
+# uploads the data, submits the pipeline, follows it, prints the table; the service
+# stays up afterwards (its URL and API key are printed).
+run: install
+	$(PY) -m api.demo --data-dir $(DATA)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

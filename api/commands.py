@@ -154,6 +154,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(args.host, args.port)
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    """The API alone (containers and multi-machine setups run workers separately)."""
+    import uvicorn
+
+    uvicorn.run(
+        "api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers
+    )
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.worker import run
 
@@ -168,6 +178,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="Address the API listens on.")
     p.add_argument("--port", type=int, default=8000, help="Port the API listens on.")
     p.set_defaults(func=cmd_up, service=True)
+
+    p = sub.add_parser("api", help="Run the API alone against REDIS_URL (no Redis, no workers).")
+    p.add_argument("--host", default="127.0.0.1", help="Address the API listens on.")
+    p.add_argument("--port", type=int, default=8000, help="Port the API listens on.")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes.")
+    p.set_defaults(func=cmd_api, service=True)
 
     p = sub.add_parser("worker", help="Run a worker for the teacher or train queue.")
     worker_arguments(p)

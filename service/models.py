@@ -21,10 +21,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from service.errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported lazily: the API and the clients never need it
+    import torch
 
 BUILTINS = {
     # name -> (python package holding the file, GGUF file name)
@@ -39,17 +41,25 @@ def apply_threads() -> None:
     from service.settings import get_settings
 
     threads = get_settings().threads
+    if not threads:
+        return
+    import torch
+
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
+    import torch
+
     # fp32 on CPU: without AVX512-BF16, bf16 matmul is ~100x slower than fp32 here.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -71,6 +81,7 @@ def _builtin_gguf(name: str) -> Path:
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Convert a GGUF into a plain safetensors model directory (atomically)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": gguf.name}
