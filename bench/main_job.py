@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--tasks", default="arc_easy,piqa")
+    ap.add_argument("--engine", default="auto", help="teacher engine for the distill step")
     args = ap.parse_args(argv)
 
     data_dir = Path(args.data_dir)
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         tasks=tasks,
         eval_limit=args.eval_limit,
+        engine=args.engine,
     )
     summary = run_pipeline(spec, out, ConsoleReporter("main"), data_dir=data_dir)
     print_table(summary)

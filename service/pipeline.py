@@ -38,6 +38,7 @@ def step_specs(spec: PipelineSpec, out: Path) -> dict:
             template=spec.template,
             limit=spec.limit,
             max_new_tokens=spec.max_new_tokens,
+            engine=spec.engine,
             seed=spec.seed,
         ),
         "finetune": FinetuneSpec(

@@ -154,6 +154,9 @@ class PipelineSpec(Spec):
     limit: int | None = Field(None, ge=1, description="Distill and train on the first K rows.")
     max_new_tokens: int = Field(256, ge=1, le=8192)
     template: Literal["auto", "general", "math"] = "auto"
+    engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
+        "auto", description="Teacher engine for the distill step."
+    )
     lora_rank: int = Field(8, ge=1, le=1024)
     lora_alpha: float = Field(16, gt=0, le=4096)
     lr: float = Field(1e-4, gt=0.0, le=1.0)
