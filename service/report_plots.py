@@ -103,6 +103,7 @@ def plot_loss(train_log: dict, path: Path) -> Path:
     if len(loss) > 30:
         window = max(5, len(loss) // 20)
         ax.plot(steps, _smooth(loss, window), color="#4c72b0", label=f"mean of {window}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss (response tokens)")
     lrs = [s.get("lr") for s in train_log["steps"]]
