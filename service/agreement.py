@@ -208,8 +208,12 @@ def compare_models(
     speedup_prompts: int = 4,
     reporter: Reporter | None = None,
     data_dir: Path | None = None,
+    use_vllm: bool | None = None,
 ) -> dict:
-    """``{"agreement": ..., "speculative": ...}`` for a student against its teacher."""
+    """``{"agreement": ..., "speculative": ...}`` for a student against its teacher.
+
+    ``use_vllm``: also measure vLLM's draft-model speculative decoding (None: when vLLM
+    and a GPU are there)."""
     from service.models import load_model, resolve_model
     from service.speculative import acceptance, assisted_speedup, vllm_available, vllm_speculative
 
@@ -239,7 +243,9 @@ def compare_models(
         )
     del teacher, student
     gc.collect()
-    if vllm_available():
+    if use_vllm is None:
+        use_vllm = vllm_available()
+    if use_vllm:
         reporter.event("vLLM draft-model speculative decoding")
         conversations = [[{"role": "user", "content": t}] for t in texts]
         speculative["vllm"] = vllm_speculative(

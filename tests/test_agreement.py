@@ -49,6 +49,7 @@ def test_student_equal_to_teacher_agrees_fully(tiny_llama, session_home):
         speedup_prompts=2,
         dataset=None,
         data_dir=session_home,  # no task files there: the built-in prompts
+        use_vllm=False,
     )
     a, s = r["agreement"], r["speculative"]
     assert a["source"] == "builtin" and a["prompts"] == 4
@@ -72,6 +73,7 @@ def test_different_student_disagrees(tiny_llama, other_llama, alpaca_file):
         max_new_tokens=10,
         k=3,
         speedup_prompts=0,
+        use_vllm=False,
     )
     a, s = r["agreement"], r["speculative"]
     assert a["source"] == str(alpaca_file) and a["prompts"] == 3

@@ -65,6 +65,7 @@ def run_dir(tmp_path_factory, tiny_llama, session_home) -> Path:
             compare_models(
                 str(run / name), str(tiny_llama), prompts=3, max_new_tokens=8, k=3,
                 speedup_prompts=1 if name == "recovered" else 0, data_dir=session_home,
+                use_vllm=False,
             )
         )  # fmt: skip
     for name, e in evals.items():
