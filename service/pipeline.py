@@ -51,7 +51,16 @@ def step_specs(spec: PipelineSpec, out: Path) -> dict:
             seed=spec.seed,
         ),
         "evaluate": {
-            name: EvaluateSpec(model=ref, tasks=spec.tasks, limit=spec.eval_limit)
+            name: EvaluateSpec(
+                model=ref,
+                tasks=spec.tasks,
+                limit=spec.eval_limit,
+                # Agreement with the unpruned teacher, for the pruned and recovered models.
+                teacher=spec.model if name != "baseline" and spec.agreement_prompts else None,
+                agreement_prompts=max(spec.agreement_prompts, 1),
+                agreement_max_new_tokens=spec.agreement_max_new_tokens,
+                speedup_prompts=0,
+            )
             for name, ref in (
                 ("baseline", spec.model),
                 ("pruned", str(pruned)),
@@ -153,7 +162,19 @@ def run_pipeline(
         },
         "seconds": times,
     }
+    for name in ("pruned", "recovered"):
+        agree, spec_dec = evals[name].get("agreement"), evals[name].get("speculative")
+        if agree:
+            summary["eval"][name]["agreement"] = {
+                "kl": agree.get("kl_mean"),
+                "top1": agree.get("top1"),
+                "embedding_cosine": agree.get("embedding_cosine"),
+                "acceptance_rate": (spec_dec or {}).get("acceptance_rate"),
+            }
     _save(out / "summary.json", summary)
+    from service.report import run_report
+
+    summary["report"] = run_report(out)["html"]
     return summary
 
 
@@ -194,4 +215,12 @@ def print_table(summary: dict) -> None:
     if d.get("distilled_fraction") is not None:
         print(f"distilled {d['rows']} rows, {100 * d['distilled_fraction']:.0f}% rewritten")
     print(format_table(summary))
+    for name, e in summary["eval"].items():
+        a = e.get("agreement")
+        if a:
+            print(
+                f"{name}: KL to teacher {a['kl']:.3f}, top-1 {a['top1']:.3f}, "
+                f"embedding cosine {a['embedding_cosine']:.3f}, "
+                f"draft acceptance {a['acceptance_rate']:.3f}"
+            )
     print("step seconds: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))

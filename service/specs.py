@@ -165,4 +165,12 @@ class PipelineSpec(Spec):
         default_factory=lambda: ["arc_easy", "piqa"], min_length=1
     )
     eval_limit: int | None = Field(None, ge=1, description="First K documents of each task.")
+    agreement_prompts: int = Field(
+        8,
+        ge=0,
+        le=10_000,
+        description="Held-out prompts for teacher agreement and speculative acceptance of "
+        "the pruned and recovered models (0: skip).",
+    )
+    agreement_max_new_tokens: int = Field(32, ge=1, le=4096)
     seed: int = Field(0, ge=0)

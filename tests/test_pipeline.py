@@ -31,6 +31,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_llama, synthetic, session
         epochs=1,
         tasks=["arith"],
         eval_limit=10,
+        agreement_prompts=2,
+        agreement_max_new_tokens=4,
     )
     out = tmp_path / "run"
     summary = run_pipeline(spec, out, data_dir=data)
@@ -42,6 +44,10 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_llama, synthetic, session
     distilled = [json.loads(line) for line in (out / "distilled.jsonl").read_text().splitlines()]
     assert len(distilled) == 8 and all("distilled" in r for r in distilled)
     assert (out / "recovered" / "config.json").is_file()
+    for name in ("pruned", "recovered"):
+        agree = summary["eval"][name]["agreement"]
+        assert agree["kl"] >= 0.0 and 0.0 <= agree["acceptance_rate"] <= 1.0
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
     table = format_table(summary)
     assert "| recovered |" in table and "arith" in table
 
