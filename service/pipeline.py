@@ -145,8 +145,21 @@ def run_pipeline(
                 path, lambda: run_evaluate(espec, path, reporter, data_dir=data_dir)
             ),
         )
+    summary = build_summary(spec.model_dump(mode="json"), prune, distill, finetune, evals, times)
+    _save(out / "summary.json", summary)
+    from service.report import run_report
+
+    summary["report"] = run_report(out)["html"]
+    return summary
+
+
+def build_summary(
+    spec: dict, prune: dict, distill: dict, finetune: dict, evals: dict, seconds: dict
+) -> dict:
+    """The run's summary from its steps' results (the CLI pipeline and the service's
+    pipeline job both build it here, so ``print_table`` reads either)."""
     summary = {
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec,
         "removed_layers": prune["removed_layers"],
         "layers": [prune["num_layers_before"], prune["num_layers_after"]],
         "distill": {k: distill.get(k) for k in ("rows", "distilled_fraction", "tokens_per_s")},
@@ -160,7 +173,7 @@ def run_pipeline(
             }
             for name, e in evals.items()
         },
-        "seconds": times,
+        "seconds": seconds,
     }
     for name in ("pruned", "recovered"):
         agree, spec_dec = evals[name].get("agreement"), evals[name].get("speculative")
@@ -171,11 +184,21 @@ def run_pipeline(
                 "embedding_cosine": agree.get("embedding_cosine"),
                 "acceptance_rate": (spec_dec or {}).get("acceptance_rate"),
             }
-    _save(out / "summary.json", summary)
-    from service.report import run_report
-
-    summary["report"] = run_report(out)["html"]
     return summary
+
+
+def write_run_dir(
+    out: Path, spec: dict, prune: dict, distill: dict, evals: dict, summary: dict
+) -> None:
+    """Lay out a run folder the way ``run_pipeline`` does (what ``run_report`` reads), from
+    step results held elsewhere (the service keeps them in job records)."""
+    (out / "pruned").mkdir(parents=True, exist_ok=True)
+    _save(out / "pruned" / "prune_report.json", prune)
+    _save(out / "pipeline_spec.json", spec)
+    _save(out / "distill_summary.json", distill)
+    for name, e in evals.items():
+        _save(out / f"eval_{name}.json", e)
+    _save(out / "summary.json", summary)
 
 
 def _save(path: Path, obj: dict) -> dict:

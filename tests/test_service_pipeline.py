@@ -26,7 +26,7 @@ def upload_rows(api, eval_data) -> str:
 def pipeline_body(tiny_llama, ds) -> dict:
     return {"type": "pipeline", "model": str(tiny_llama), "dataset": ds, "blocks": 2,
             "samples": 8, "limit": 8, "max_new_tokens": 8, "epochs": 1, "tasks": ["arith"],
-            "eval_limit": 10}  # fmt: skip
+            "eval_limit": 10, "agreement_prompts": 2, "agreement_max_new_tokens": 4}  # fmt: skip
 
 
 def wait_job(api, job_id, timeout) -> dict:
@@ -69,6 +69,11 @@ def test_pipeline_job(api, workers, tiny_llama, eval_data):
     assert distilled["rows"] == 8
     result = api.get(f"/v1/jobs/{job['id']}/result").json()
     assert result["artifacts"] == arts and result["metrics"]["table"] == summary["table"]
+    report = api.get(f"/v1/jobs/{job['id']}/report")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert "data:image/png;base64," in report.text and "recovered" in report.text
+    md = api.get(f"/v1/jobs/{job['id']}/report", params={"format": "md"})
+    assert md.status_code == 200 and "recovered" in md.text
     # one job to the caller: the steps are not listed on their own
     assert [j["id"] for j in api.get("/v1/jobs").json()["data"]] == [job["id"]]
     models = {m["id"] for m in api.get("/v1/models").json()["data"]}

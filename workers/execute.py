@@ -11,6 +11,7 @@ its remaining steps; the last step (``report``) builds the summary table.
 
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -30,7 +31,7 @@ from service.specs import (
 )
 from service.store import ArtifactStore
 from workers import records
-from workers.outputs import register_outputs, resolve_job_refs, work_dir
+from workers.outputs import artifact_id_for, register_outputs, resolve_job_refs, work_dir
 from workers.reporter import RecordReporter
 
 SPECS = {
@@ -201,9 +202,34 @@ def stop_pipeline(conn: redis.Redis, parent_id: str, status: str, error: dict | 
     records.transition(conn, parent_id, ("queued", "running"), status, **fields)
 
 
+def write_report(
+    parent: dict, prune: dict, distill: dict, evals: dict, summary: dict, artifacts: dict
+) -> str:
+    """A ``run`` artifact holding the pipeline's run folder and its report (HTML, markdown,
+    plots), served at GET /v1/jobs/{id}/report."""
+    from service.pipeline import write_run_dir
+    from service.report import run_report
+
+    store = ArtifactStore(get_settings().home_dir())
+    run_id = artifact_id_for("run", parent["id"])
+    parents = [a for a in artifacts.values() if a]
+    with store.create(
+        "run", artifact_id=run_id, tenant=parent["tenant"], job_id=parent["id"], parents=parents
+    ) as tmp:
+        write_run_dir(tmp, parent["spec"], prune, distill, evals, summary)
+        recovered = artifacts.get("recovered")
+        if recovered:
+            log = store.path("model", recovered) / "model" / "train_log.json"
+            if log.is_file():
+                (tmp / "recovered").mkdir(exist_ok=True)
+                shutil.copy(log, tmp / "recovered" / "train_log.json")
+        run_report(tmp)
+    return run_id
+
+
 def finish_pipeline(conn: redis.Redis, report_job: dict) -> str:
     """The pipeline's last step: gather the steps' results into the summary table."""
-    from service.pipeline import format_table, retention
+    from service.pipeline import build_summary, format_table
 
     parent = records.get(conn, report_job["parent"])
     steps = {c["step"]: c for c in (records.get(conn, cid) for cid in parent["children"]) if c}
@@ -211,34 +237,22 @@ def finish_pipeline(conn: redis.Redis, report_job: dict) -> str:
     evals = {
         name: steps[f"evaluate {name}"]["metrics"] for name in ("baseline", "pruned", "recovered")
     }
-    summary = {
-        # The same shape as service.pipeline.run_pipeline's summary (print_table reads it).
-        "spec": parent["spec"],
-        "removed_layers": prune["removed_layers"],
-        "layers": [prune["num_layers_before"], prune["num_layers_after"]],
-        "distill": {k: distill.get(k) for k in ("rows", "distilled_fraction", "tokens_per_s")},
-        "finetune": {k: finetune.get(k) for k in ("final_loss", "tokens_per_s", "rows")},
-        "eval": {
-            name: {
-                "tasks": {t: r["acc"] for t, r in e["tasks"].items()},
-                "stderr": {t: r.get("acc_stderr") for t, r in e["tasks"].items()},
-                "average": e.get("average"),
-                "retention": retention(e, evals["baseline"])["mean"],
-            }
-            for name, e in evals.items()
-        },
-        "seconds": {
-            name: round((c["finished_at"] or 0) - (c["started_at"] or 0), 1)
-            for name, c in steps.items()
-            if c["started_at"] and c["finished_at"]  # not the report itself: it is running
-        },
+    seconds = {
+        name: round((c["finished_at"] or 0) - (c["started_at"] or 0), 1)
+        for name, c in steps.items()
+        if c["started_at"] and c["finished_at"]  # not the report itself: it is running
     }
+    summary = build_summary(parent["spec"], prune, distill, finetune, evals, seconds)
     summary["table"] = format_table(summary)
     artifacts = {
         "pruned": steps["prune"]["artifacts"].get("model"),
         "distilled": steps["distill"]["artifacts"].get("dataset"),
         "recovered": steps["finetune"]["artifacts"].get("model"),
     }
+    try:
+        artifacts["report"] = write_report(parent, prune, distill, evals, summary, artifacts)
+    except Exception as exc:  # the results stand without their report; say why
+        records.add_event(conn, parent["id"], f"report not written: {exc}", level="warning")
     end(conn, report_job, "succeeded", metrics={"table": summary["table"]})
     records.transition(
         conn,

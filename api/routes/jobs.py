@@ -146,6 +146,31 @@ def get_result(job_id: str, tenant: TenantDep, conn: RedisDep, store: StoreDep) 
 
 
 @router.get(
+    "/{job_id}/report",
+    summary="A finished pipeline's report: self-contained HTML (?format=md for markdown)",
+    responses={200: {"content": {"text/html": {}, "text/markdown": {}}}},
+)
+def get_report(
+    job_id: str,
+    tenant: TenantDep,
+    conn: RedisDep,
+    store: StoreDep,
+    format: Annotated[str, Query(pattern="^(html|md)$")] = "html",
+) -> Response:
+    rec = load_job(conn, job_id, tenant)
+    report = (rec.get("artifacts") or {}).get("report")
+    if rec["type"] != "pipeline" or rec["status"] != "succeeded" or not report:
+        raise NotFinished(
+            f"job {job_id} has no report (pipeline jobs get one when they succeed)",
+            {"status": rec["status"], "type": rec["type"]},
+        )
+    folder = store.path("run", report)
+    if format == "md":
+        return FileResponse(folder / "report.md", media_type="text/markdown")
+    return FileResponse(folder / "report.html", media_type="text/html")
+
+
+@router.get(
     "/{job_id}/events",
     summary="Events: a page (?after=) or, with Accept: text/event-stream, a live stream",
     responses={200: {"content": {"text/event-stream": {}}}},
