@@ -17,23 +17,7 @@ import json
 import sys
 from typing import Any
 
-from service.specs import (
-    DistillSpec,
-    EvaluateSpec,
-    FinetuneSpec,
-    MergeSpec,
-    PipelineSpec,
-    PruneSpec,
-)
-
-JOB_SPECS = {
-    "prune": PruneSpec,
-    "distill": DistillSpec,
-    "finetune": FinetuneSpec,
-    "evaluate": EvaluateSpec,
-    "merge": MergeSpec,
-    "pipeline": PipelineSpec,
-}
+from service.specs import JOB_SPECS
 
 
 def _print(obj: Any) -> None:

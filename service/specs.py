@@ -174,3 +174,14 @@ class PipelineSpec(Spec):
     )
     agreement_max_new_tokens: int = Field(32, ge=1, le=4096)
     seed: int = Field(0, ge=0)
+
+
+# Job type -> its spec: the one table the API, the CLI and the workers share.
+JOB_SPECS: dict[str, type[Spec]] = {
+    "prune": PruneSpec,
+    "distill": DistillSpec,
+    "finetune": FinetuneSpec,
+    "evaluate": EvaluateSpec,
+    "merge": MergeSpec,
+    "pipeline": PipelineSpec,
+}

@@ -21,27 +21,13 @@ import redis
 
 from service.errors import CancelledError, DistilleryError
 from service.settings import get_settings
-from service.specs import (
-    DistillSpec,
-    EvaluateSpec,
-    FinetuneSpec,
-    MergeSpec,
-    PipelineSpec,
-    PruneSpec,
-)
+from service.specs import JOB_SPECS
 from service.store import ArtifactStore
 from workers import records
 from workers.outputs import artifact_id_for, register_outputs, resolve_job_refs, work_dir
 from workers.reporter import RecordReporter
 
-SPECS = {
-    "prune": PruneSpec,
-    "distill": DistillSpec,
-    "finetune": FinetuneSpec,
-    "evaluate": EvaluateSpec,
-    "merge": MergeSpec,
-    "pipeline": PipelineSpec,
-}
+SPECS = JOB_SPECS
 
 
 class StepFailed(Exception):
