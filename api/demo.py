@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default=os.environ.get("DISTILLERY_URL", "http://127.0.0.1:8000"))
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--rows", type=int, default=128, help="Alpaca rows to distill and train on")
+    ap.add_argument("--rows", type=int, default=64, help="Alpaca rows to distill and train on")
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--epochs", type=float, default=2)
-    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--eval-limit", type=int, default=100)
     ap.add_argument("--tasks", default="arc_easy,piqa")
     args = ap.parse_args(argv)
 
