@@ -10,17 +10,18 @@ system prompt) and ``distill`` (the SDFT general template on Alpaca rows, built 
 
 Engines (``--engines``): ``hf1`` and ``hf64`` (``HFEngine``: plain ``generate`` with left
 padding at batch 1, on the first ``--n-batch1`` prompts, and at batch 64), ``fast`` (the
-fast CPU engine), ``distill`` (``run_distill`` on the fast engine, i.e. the distillation
-loop around it; ``distill`` set only), ``openai`` (``--openai-url``). On a GPU:
-``vllm-offline`` (``vllm.LLM.generate`` on the same prompt tokens, nothing around it) and
-``vllm`` (Distillery's ``VLLMEngine``); the last line gives their ratio.
+fast CPU engine), ``distill`` (``run_distill`` on the fast engine: the distillation loop
+around it, filters and output file included; ``distill`` set only), ``openai``
+(``--openai-url``). On a GPU: ``vllm-offline`` (``vllm.LLM.generate`` on the same prompt
+tokens, nothing around it) and ``vllm`` (Distillery's ``VLLMEngine``), and their ratio.
 
 Tokens/s counts generated tokens (EOS included, as every engine reports them) over the
-whole wall time of the call, prefill included. The roofline is the workload's exact FLOPs
-(``workload_flops``: linear layers per position, attention by position, the LM head only
-where a token is picked) over the fp32 matrix-product rate the script measures on this
-model's own matrix shapes; "% roofline" is how much of that rate an engine turned into
-useful work. "same" is the share of outputs identical to ``hf64``'s (greedy exactness).
+whole wall time of the call, prefill included. "% roof" is the workload's exact FLOPs
+over the best fp32 matrix-product rate measured here, divided by the wall time (issue
+4's roofline); "% mem" does the same with ``bench.roofline.memory_bound``, which also
+charges each decode step for streaming the weights and the keys/values. The rates are
+measured before and between runs and the best is kept. "same" counts outputs identical
+to ``hf64``'s (greedy exactness).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench.roofline import Machine, memory_bound, workload_flops
 from service.teacher.base import GenParams, Request
 
 DATA = Path(os.environ.get("DISTILLERY_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
@@ -50,53 +52,6 @@ def distill_requests(n: int) -> list[Request]:
 
     rows = read_dataset(DATA / "alpaca/alpaca_5000.json", limit=n)
     return [build_request(row, "general") for row in rows]
-
-
-def layer_shapes(cfg) -> list[tuple[int, int]]:
-    """(in, out) of every linear product in one decoder block."""
-    h, d = (
-        cfg.hidden_size,
-        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-    )
-    q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
-    return [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
-
-
-def workload_flops(cfg, prompt_lens: list[int], gen_lens: list[int]) -> float:
-    """Exact multiply-add FLOPs (2 per MAC) of greedy generation.
-
-    A request with P prompt tokens and G generated ones runs the decoder on positions
-    0..P+G-2 (the last generated token is never fed back) and the LM head G times (at
-    the last prompt position and at each fed-back token). Per position p and block:
-    the linear products, plus QK^T and AV over p+1 keys (4 * heads * head_dim * (p+1))."""
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    linear = 2 * sum(i * o for i, o in layer_shapes(cfg)) * cfg.num_hidden_layers
-    attn_per_key = 4 * cfg.num_attention_heads * d * cfg.num_hidden_layers
-    head = 2 * cfg.hidden_size * cfg.vocab_size
-    total = 0.0
-    for p, g in zip(prompt_lens, gen_lens, strict=True):
-        positions = p + max(g, 1) - 1
-        total += positions * linear + attn_per_key * positions * (positions + 1) / 2 + g * head
-    return total
-
-
-def matmul_rate(cfg, sizes=(64, 256, 1024), seconds: float = 1.0) -> float:
-    """fp32 GFLOP/s of one decoder block's matrix products at M rows, best over M (median
-    of repeated timings at each M): the rate this machine can reach on this model."""
-    best = 0.0
-    for m in sizes:
-        mats = [(torch.randn(m, i), torch.randn(o, i)) for i, o in layer_shapes(cfg)]
-        flops = 2 * m * sum(i * o for i, o in layer_shapes(cfg))
-        for x, w in mats:
-            torch.nn.functional.linear(x, w)
-        times, t_end = [], time.perf_counter() + seconds
-        while time.perf_counter() < t_end or len(times) < 5:
-            t = time.perf_counter()
-            for x, w in mats:
-                torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - t)
-        best = max(best, flops / statistics.median(times) / 1e9)
-    return best
 
 
 def timed(engine, requests, params) -> tuple[list, float]:
@@ -117,7 +72,10 @@ def run_vllm_offline(llm, tokenizer, requests, params) -> tuple[list[int], float
     return [len(o.outputs[0].token_ids) for o in outs], time.perf_counter() - t
 
 
-def run_distill_loop(engine, n: int, params: GenParams, out_dir: Path) -> tuple[int, float]:
+def run_distill_loop(engine, n: int, params: GenParams) -> tuple[int, float]:
+    """``run_distill`` with one batch of all n rows (the loop adds judging and writing)."""
+    import tempfile
+
     from service.distill import run_distill
     from service.specs import DistillSpec
 
@@ -129,10 +87,132 @@ def run_distill_loop(engine, n: int, params: GenParams, out_dir: Path) -> tuple[
         batch_size=n,
         engine="fast",
     )
-    out = out_dir / f"distill-{time.time_ns()}.jsonl"
-    t = time.perf_counter()
-    summary = run_distill(spec, out, engine=engine)
-    return int(summary["generated_tokens"]), time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        summary = run_distill(spec, Path(tmp) / "distilled.jsonl", engine=engine)
+        return int(summary["generated_tokens"]), time.perf_counter() - t
+
+
+class Bench:
+    def __init__(self, args):
+        from service.models import load_model
+        from service.teacher.fast_engine import FastEngine
+        from service.teacher.hf_engine import HFEngine
+
+        self.args = args
+        self.gpu = torch.cuda.is_available()
+        self.model, self.tokenizer = load_model(args.model, device="cpu")
+        self.machine = Machine(self.model.config)
+        self.params = GenParams(max_new_tokens=args.max_new_tokens)
+        names = set(args.engines.split(","))
+        self.hf = None
+        if names & {"hf1", "hf64"}:
+            self.hf = HFEngine(args.model, device="cpu", batch_size=64)
+        self.engines: dict = {}
+        if names & {"fast", "distill"}:
+            self.engines["fast"] = FastEngine(
+                args.model, slots=args.slots, model=self.model, tokenizer=self.tokenizer
+            )
+        if "openai" in names and args.openai_url:
+            from service.teacher.openai_engine import OpenAIEngine
+
+            self.engines["openai"] = OpenAIEngine(args.openai_url)
+        warm = [Request((("user", "Hi"),))] * 2
+        for e in [self.hf, *self.engines.values()]:
+            if e is not None:
+                e.generate(warm, GenParams(max_new_tokens=4))
+
+    def run(self, name: str, requests: list[Request], set_name: str) -> dict | None:
+        """Run one engine; None when it does not apply here."""
+        args, params = self.args, self.params
+        gens, gen_lens = None, None
+        if name in ("hf1", "hf64") and self.hf is not None:
+            self.hf.batch_size = 1 if name == "hf1" else 64
+            requests = requests[: args.n_batch1] if name == "hf1" else requests
+            gens, secs = timed(self.hf, requests, params)
+        elif name in ("fast", "openai") and name in self.engines:
+            gens, secs = timed(self.engines[name], requests, params)
+        elif name == "distill" and set_name == "distill" and "fast" in self.engines:
+            tokens, secs = run_distill_loop(self.engines["fast"], len(requests), params)
+            return {"prompts": len(requests), "tokens": tokens, "seconds": secs}
+        elif name == "vllm-offline" and self.gpu:
+            gen_lens, secs = run_vllm_offline(
+                self._vllm_offline(), self.tokenizer, requests, params
+            )
+        elif name == "vllm" and self.gpu:
+            gens, secs = timed(self._vllm(), requests, params)
+        else:
+            return None
+        from service.teacher.hf_engine import render_prompt
+
+        gen_lens = gen_lens or [g.tokens for g in gens]
+        row = {
+            "prompts": len(requests),
+            "tokens": sum(gen_lens),
+            "seconds": secs,
+            "prompt_lens": [len(render_prompt(self.tokenizer, r)) for r in requests],
+            "gen_lens": gen_lens,
+        }
+        if gens is not None:
+            row["texts"] = [g.text for g in gens]
+        return row
+
+    def _vllm_offline(self):
+        if "vllm-offline" not in self.engines:
+            from vllm import LLM
+
+            from service.models import resolve_model
+
+            # Both vLLM engines share the GPU: 0.4 of its memory each.
+            path = str(resolve_model(self.args.model))
+            self.engines["vllm-offline"] = LLM(model=path, gpu_memory_utilization=0.4)
+        return self.engines["vllm-offline"]
+
+    def _vllm(self):
+        if "vllm" not in self.engines:
+            from service.teacher.vllm_engine import VLLMEngine
+
+            self.engines["vllm"] = VLLMEngine(self.args.model, gpu_memory_utilization=0.4)
+        return self.engines["vllm"]
+
+
+def summarise(rows: dict, cfg, rate: float, bandwidth: float) -> dict:
+    base = rows.get("hf64", {})
+    ref = base.get("texts")
+    for r in rows.values():
+        r["tok_s"] = r["tokens"] / r["seconds"]
+        r["x_hf64"] = r["tok_s"] / base["tok_s"] if base.get("tok_s") else None
+        if "gen_lens" in r:
+            flops = workload_flops(cfg, r["prompt_lens"], r["gen_lens"])
+            r["roofline"] = flops / 1e9 / rate / r["seconds"]
+            bound = memory_bound(cfg, r["prompt_lens"], r["gen_lens"], rate, bandwidth)
+            r["memory_roofline"] = bound / r["seconds"]
+        if ref is not None and "texts" in r:
+            r["same_as_hf64"] = sum(a == b for a, b in zip(r["texts"], ref, strict=False))
+    return rows
+
+
+def print_table(rows: dict) -> None:
+    print(
+        f"{'engine':<14}{'prompts':>8}{'tokens':>8}{'s':>8}{'tok/s':>9}{'x hf64':>8}"
+        f"{'% roof':>8}{'% mem':>7}{'same':>8}"
+    )
+    for name, r in rows.items():
+        ratio = f"{r['x_hf64']:.2f}" if r.get("x_hf64") else "-"
+        roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
+        mem = f"{100 * r['memory_roofline']:.0f}" if "memory_roofline" in r else "-"
+        same = f"{r['same_as_hf64']}/{r['prompts']}" if "same_as_hf64" in r else "-"
+        print(
+            f"{name:<14}{r['prompts']:>8}{r['tokens']:>8}{r['seconds']:>8.1f}{r['tok_s']:>9.1f}"
+            f"{ratio:>8}{roof:>8}{mem:>7}{same:>8}"
+        )
+    pairs = [
+        ("vllm", "vllm-offline", "Distillery vLLM path / vLLM offline"),
+        ("distill", "fast", "distillation loop / fast engine direct"),
+    ]
+    for a, b, label in pairs:
+        if a in rows and b in rows:
+            print(f"{label}: {rows[a]['tok_s'] / rows[b]['tok_s']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,113 +230,49 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from service.models import load_model
-    from service.teacher.fast_engine import FastEngine
-    from service.teacher.hf_engine import HFEngine, render_prompt
-
+    bench = Bench(args)
     engines = args.engines.split(",")
-    gpu = torch.cuda.is_available()
-    if gpu and "vllm" not in engines:
-        engines += ["vllm-offline", "vllm"]
-    params = GenParams(max_new_tokens=args.max_new_tokens)
-    model, tokenizer = load_model(args.model, device="cpu")
-    cfg = model.config
-    rate = matmul_rate(cfg)
-    print(f"threads {torch.get_num_threads()}, fp32 matrix products: {rate:.0f} GFLOP/s")
-    hf = (
-        HFEngine(args.model, device="cpu", batch_size=64)
-        if {"hf1", "hf64"} & set(engines)
-        else None
-    )
-    built: dict = {}
-    if {"fast", "distill"} & set(engines):
-        built["fast"] = FastEngine(args.model, slots=args.slots, model=model, tokenizer=tokenizer)
-    if "openai" in engines and args.openai_url:
-        from service.teacher.openai_engine import OpenAIEngine
-
-        built["openai"] = OpenAIEngine(args.openai_url)
-    warm = [Request((("user", "Hi"),))] * 2
-    for e in [hf, *built.values()]:
-        if e is not None:
-            e.generate(warm, GenParams(max_new_tokens=4))
-    report: dict = {"rate_gflops": rate, "threads": torch.get_num_threads(), "sets": {}}
+    if bench.gpu:
+        engines += [e for e in ("vllm-offline", "vllm") if e not in engines]
+    bench.machine.measure()
+    results: dict = {}
     for set_name in args.sets.split(","):
         requests = gsm8k_requests(args.n) if set_name == "gsm8k" else distill_requests(args.n)
-        plens = [len(render_prompt(tokenizer, r)) for r in requests]
-        print(
-            f"\n== {set_name}: {len(requests)} prompts, {statistics.mean(plens):.0f} prompt tokens "
-            f"on average, {args.max_new_tokens} new tokens, greedy"
-        )
-        rows, ref = {}, None
+        results[set_name] = {}
         for name in engines:
-            subset, gens, secs, gen_lens = requests, None, None, None
-            if name in ("hf1", "hf64"):
-                hf.batch_size = 1 if name == "hf1" else 64
-                subset = requests[: args.n_batch1] if name == "hf1" else requests
-                gens, secs = timed(hf, subset, params)
-            elif name in ("fast", "openai") and name in built:
-                gens, secs = timed(built[name], subset, params)
-            elif name == "distill" and set_name == "distill" and "fast" in built:
-                tokens, secs = run_distill_loop(built["fast"], len(requests), params, Path("/tmp"))
-                gen_lens = None
-                rows[name] = {"tokens": tokens, "seconds": secs, "tok_s": tokens / secs}
-            elif name == "vllm-offline" and gpu:
-                from vllm import LLM
-
-                from service.models import resolve_model
-
-                # Both vLLM engines share the GPU: 0.4 of its memory each.
-                built["vllm-offline"] = built.get("vllm-offline") or LLM(
-                    model=str(resolve_model(args.model)), gpu_memory_utilization=0.4
+            row = bench.run(name, requests, set_name)
+            if row is not None:
+                results[set_name][name] = row
+                print(
+                    f"{set_name} {name}: {row['tokens']} tokens in {row['seconds']:.1f} s",
+                    flush=True,
                 )
-                gen_lens, secs = run_vllm_offline(built["vllm-offline"], tokenizer, subset, params)
-            elif name == "vllm" and gpu:
-                from service.teacher.vllm_engine import VLLMEngine
-
-                built["vllm"] = built.get("vllm") or VLLMEngine(
-                    args.model, gpu_memory_utilization=0.4
-                )
-                gens, secs = timed(built["vllm"], subset, params)
-            if secs is None or name in rows:
-                continue
-            if gens is not None:
-                gen_lens = [g.tokens for g in gens]
-            sub_plens = [len(render_prompt(tokenizer, r)) for r in subset]
-            flops = workload_flops(cfg, sub_plens, gen_lens)
-            row = {
-                "prompts": len(subset),
-                "tokens": sum(gen_lens),
-                "seconds": secs,
-                "tok_s": sum(gen_lens) / secs,
-                "roofline": flops / 1e9 / rate / secs,
-            }
-            if gens is not None:
-                if name == "hf64":
-                    ref = [g.text for g in gens]
-                if ref is not None:
-                    row["same_as_hf64"] = sum(a.text == b for a, b in zip(gens, ref, strict=False))
-            rows[name] = row
-        base = rows.get("hf64", {}).get("tok_s")
+            bench.machine.measure()
+    m = bench.machine
+    print(
+        f"\nthreads {torch.get_num_threads()}; best rates seen: fp32 matrix products "
+        f"{m.rate:.0f} GFLOP/s, memory read {m.bandwidth:.1f} GB/s"
+    )
+    report = {
+        "threads": torch.get_num_threads(),
+        "rate_gflops": m.rate,
+        "bandwidth_gbs": m.bandwidth,
+        "sets": {},
+    }
+    for set_name, rows in results.items():
+        summarise(rows, bench.model.config, m.rate, m.bandwidth)
+        first = next(iter(rows.values()), None)
+        plens = first["prompt_lens"] if first and "prompt_lens" in first else []
         print(
-            f"{'engine':<14}{'prompts':>8}{'tokens':>8}{'s':>8}{'tok/s':>9}{'x hf64':>8}{'% roof':>8}{'same':>7}"
+            f"\n== {set_name}: {args.n} prompts"
+            + (f", {statistics.mean(plens):.0f} prompt tokens on average" if plens else "")
+            + f", {args.max_new_tokens} new tokens, greedy"
         )
-        for name, r in rows.items():
-            ratio = f"{r['tok_s'] / base:.2f}" if base else "-"
-            roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
-            same = f"{r['same_as_hf64']}/{r['prompts']}" if "same_as_hf64" in r else "-"
-            print(
-                f"{name:<14}{r.get('prompts', len(requests)):>8}{r['tokens']:>8}{r['seconds']:>8.1f}"
-                f"{r['tok_s']:>9.1f}{ratio:>8}{roof:>8}{same:>7}"
-            )
-        if "vllm" in rows and "vllm-offline" in rows:
-            print(
-                f"Distillery vLLM path / vLLM offline: {rows['vllm']['tok_s'] / rows['vllm-offline']['tok_s']:.3f}"
-            )
-        if "distill" in rows and "fast" in rows:
-            print(
-                f"distillation loop / fast engine direct: {rows['distill']['tok_s'] / rows['fast']['tok_s']:.3f}"
-            )
-        report["sets"][set_name] = rows
+        print_table(rows)
+        report["sets"][set_name] = {
+            k: {f: v for f, v in r.items() if f not in ("texts", "prompt_lens", "gen_lens")}
+            for k, r in rows.items()
+        }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return report

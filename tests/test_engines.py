@@ -119,9 +119,16 @@ def test_fast_greedy_equals_generate_with_refill(hf, fast):
     assert all(g.tokens == 20 and g.finish_reason == "length" for g in out)
     assert len({t for g in out for t in g.extra["token_ids"]}) > 40  # a real check
     assert fast.forward is not None  # the fast path ran, not the fallback
-    # Without the shared-prefix copy, and with one slot per prompt, the same tokens.
+    # Without the shared-prefix copy, packed weights or attention groups, and with one
+    # slot per prompt: the same tokens.
     wide = FastEngine(
-        "unused", slots=16, share_prefix=False, model=fast.model, tokenizer=fast.tokenizer
+        "unused",
+        slots=16,
+        share_prefix=False,
+        pack_weights=False,
+        attn_groups=1,
+        model=fast.model,
+        tokenizer=fast.tokenizer,
     )
     same(ref, wide.generate(reqs, params))
 
@@ -224,7 +231,7 @@ def test_qwen2_biases(tmp_path, tokenizer_dir):
     reqs = [chat(q) for q in QUESTIONS[:4]]
     params = GenParams(max_new_tokens=10)
     engine = FastEngine(path, slots=2)
-    assert engine.forward is not None and engine.forward.blocks[0].qkv_b is not None
+    assert engine.forward is not None and engine.forward.blocks[0].qkv.b is not None
     same(
         HFEngine(path, device="cpu", batch_size=1).generate(reqs, params),
         engine.generate(reqs, params),

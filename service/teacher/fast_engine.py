@@ -108,6 +108,7 @@ class FastEngine(TeacherEngine):
         prefill_tokens: int = 1024,
         share_prefix: bool = True,
         attn_groups: int = 4,
+        pack_weights: bool = True,
         threads: int | None = None,
         model=None,
         tokenizer=None,
@@ -124,6 +125,7 @@ class FastEngine(TeacherEngine):
         self.prefill_tokens = max(1, int(prefill_tokens))
         self.share_prefix = share_prefix
         self.attn_groups = max(1, int(attn_groups))
+        self.pack_weights = pack_weights
         self.stop = stop_ids(model, tokenizer)
         self.fallback = None
         reason = unsupported_reason(model)
@@ -184,6 +186,8 @@ class _Run:
             slots = max(1, CACHE_BUDGET // per_slot)
         self.slots = slots
         self.cache = fw.new_cache(slots, max_len)
+        # Weights packed for full decode steps (kept until a call needs another count).
+        fw.pack(slots if engine.pack_weights else 0)
         self.saved = None
         if self.prefix:
             fw.prefill(self.cache, [0], [prompts[0][: self.prefix]])
