@@ -10,7 +10,7 @@ system prompt) and ``distill`` (the SDFT general template on Alpaca rows, built 
 
 Engines (``--engines``): ``hf1`` and ``hf64`` (``HFEngine``: plain ``generate`` with left
 padding at batch 1, on the first ``--n-batch1`` prompts, and at batch 64), ``fast`` (the
-fast CPU engine), ``distill`` (``run_distill`` on the fast engine: the distillation loop
+fast CPU engine), ``fast-nodraft`` (the same without looked-up drafts), ``distill`` (``run_distill`` on the fast engine: the distillation loop
 around it, filters and output file included; ``distill`` set only), ``openai``
 (``--openai-url``). On a GPU: ``vllm-offline`` (``vllm.LLM.generate`` on the same prompt
 tokens, nothing around it) and ``vllm`` (Distillery's ``VLLMEngine``), and their ratio.
@@ -113,6 +113,14 @@ class Bench:
             self.engines["fast"] = FastEngine(
                 args.model, slots=args.slots, model=self.model, tokenizer=self.tokenizer
             )
+        if "fast-nodraft" in names:
+            self.engines["fast-nodraft"] = FastEngine(
+                args.model,
+                slots=args.slots,
+                lookahead=0,
+                model=self.model,
+                tokenizer=self.tokenizer,
+            )
         if "openai" in names and args.openai_url:
             from service.teacher.openai_engine import OpenAIEngine
 
@@ -130,7 +138,7 @@ class Bench:
             self.hf.batch_size = 1 if name == "hf1" else 64
             requests = requests[: args.n_batch1] if name == "hf1" else requests
             gens, secs = timed(self.hf, requests, params)
-        elif name in ("fast", "openai") and name in self.engines:
+        elif name in ("fast", "fast-nodraft", "openai") and name in self.engines:
             gens, secs = timed(self.engines[name], requests, params)
         elif name == "distill" and set_name == "distill" and "fast" in self.engines:
             tokens, secs = run_distill_loop(self.engines["fast"], len(requests), params)
@@ -155,6 +163,9 @@ class Bench:
         }
         if gens is not None:
             row["texts"] = [g.text for g in gens]
+        stats = getattr(self.engines.get(name), "stats", None)
+        if stats:
+            row["stats"] = dict(stats)
         return row
 
     def _vllm_offline(self):
@@ -202,9 +213,13 @@ def print_table(rows: dict) -> None:
         roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
         mem = f"{100 * r['memory_roofline']:.0f}" if "memory_roofline" in r else "-"
         same = f"{r['same_as_hf64']}/{r['prompts']}" if "same_as_hf64" in r else "-"
+        drafts = ""
+        if r.get("stats", {}).get("steps"):
+            st = r["stats"]
+            drafts = f"  ({st['rows'] / st['steps']:.0f} rows/step, {st['accepted']}/{st['drafted']} drafts kept)"
         print(
             f"{name:<14}{r['prompts']:>8}{r['tokens']:>8}{r['seconds']:>8.1f}{r['tok_s']:>9.1f}"
-            f"{ratio:>8}{roof:>8}{mem:>7}{same:>8}"
+            f"{ratio:>8}{roof:>8}{mem:>7}{same:>8}{drafts}"
         )
     pairs = [
         ("vllm", "vllm-offline", "Distillery vLLM path / vLLM offline"),

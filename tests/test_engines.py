@@ -23,10 +23,11 @@ import torch
 from conftest import GSM8K_ROWS, SHARED_DATA
 
 from service.teacher.base import GenParams, Request, make_engine
-from service.teacher.fast_engine import FastEngine, shared_prefix
+from service.teacher.fast_engine import FastEngine
 from service.teacher.hf_engine import HFEngine
 from service.teacher.kv import SlotCache
 from service.teacher.llama_forward import unsupported_reason
+from service.teacher.slots import shared_prefix
 
 QUESTIONS = [
     "Hi",
@@ -90,7 +91,8 @@ def hf(varied_llama):
 
 @pytest.fixture(scope="module")
 def fast(varied_llama):
-    return FastEngine(str(varied_llama), slots=3)
+    # Drafts on (lookahead 3): every greedy test below also checks looked-up drafts.
+    return FastEngine(str(varied_llama), slots=3, lookahead=3)
 
 
 def same(a, b) -> None:
@@ -119,14 +121,16 @@ def test_fast_greedy_equals_generate_with_refill(hf, fast):
     assert all(g.tokens == 20 and g.finish_reason == "length" for g in out)
     assert len({t for g in out for t in g.extra["token_ids"]}) > 40  # a real check
     assert fast.forward is not None  # the fast path ran, not the fallback
-    # Without the shared-prefix copy, packed weights or attention groups, and with one
-    # slot per prompt: the same tokens.
+    assert fast.stats["accepted"] > 0  # some looked-up drafts were checked and kept
+    # Without the shared-prefix copy, packed weights, attention groups or drafts, and
+    # with one slot per prompt: the same tokens.
     wide = FastEngine(
         "unused",
         slots=16,
         share_prefix=False,
         pack_weights=False,
         attn_groups=1,
+        lookahead=0,
         model=fast.model,
         tokenizer=fast.tokenizer,
     )
@@ -360,5 +364,8 @@ def test_fast_equals_generate_on_the_real_model(session_home):
     ref = HFEngine("builtin:smollm2-135m-instruct", device="cpu", batch_size=1).generate(
         reqs, params
     )
-    out = FastEngine("builtin:smollm2-135m-instruct", slots=2).generate(reqs, params)
-    same(ref, out)
+    fast = FastEngine("builtin:smollm2-135m-instruct", slots=2)
+    same(ref, fast.generate(reqs, params))
+    fast.lookahead = 3
+    same(ref, fast.generate(reqs, params))
+    assert fast.stats["accepted"] > 0

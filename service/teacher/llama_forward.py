@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from service.teacher.kv import SlotCache
+from service.teacher.proj import Proj, mkl_packing_available
 
 # Architectures whose decoder block is Llama's (optionally with q/k/v biases: Qwen2).
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -46,49 +47,6 @@ def unsupported_reason(model) -> str | None:
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "not a decoder-only model with model.layers and model.rotary_emb"
     return None
-
-
-def mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    mkl = getattr(torch.ops, "mkl", None)
-    return (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and torch.backends.mkl.is_available()
-        and mkl is not None
-        and hasattr(mkl, "_mkl_linear")
-    )
-
-
-class Proj:
-    """A linear product, optionally with its weight pre-packed for MKL at ``m`` rows.
-
-    ``F.linear`` makes MKL pack the weight into its GEMM layout on every call; at decode
-    sizes (tens of rows) that extra pass over the weight costs as much as the product
-    (measured here: 47 vs 74 GFLOP/s on one core at 64 rows). ``torch.ops.mkl._mkl_linear``
-    (what inductor's weight prepacking calls) uses a layout packed once, and only when the
-    input has exactly ``m`` rows; smaller decode batches down to ``m/2`` rows are padded to
-    ``m`` since that still wins, anything else takes ``F.linear``."""
-
-    __slots__ = ("w", "b", "packed", "m")
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None):
-        self.w, self.b, self.packed, self.m = w, b, None, 0
-
-    def pack(self, m: int) -> None:
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w, m)
-        self.m = m
-
-    def unpack(self) -> None:
-        self.packed, self.m = None, 0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n, m = x.shape[0], self.m
-        if self.packed is None or not (2 * n >= m and n <= m):
-            return F.linear(x, self.w, self.b)
-        if n < m:
-            x = torch.cat([x, x.new_zeros(m - n, x.shape[1])])
-        y = torch.ops.mkl._mkl_linear(x, self.packed, self.w, self.b, m)
-        return y if n == m else y[:n]
 
 
 @dataclass
@@ -282,58 +240,88 @@ class LlamaForward:
         cache: SlotCache,
         tokens: torch.Tensor,
         pos: torch.Tensor,
+        counts: list[int] | None = None,
         groups: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        """One new token for each of the slots ``0..n-1``, at positions ``pos``; logits [n, V].
+        """Decode step for slots ``0..n-1``; logits [rows, V].
 
-        ``groups``: contiguous slot ranges ``(a, b)`` attended separately, each over its own
-        longest length, so a short sequence does not read keys up to the longest one's
-        length (``kv.split_by_length`` picks them)."""
-        n = tokens.shape[0]
-        groups = groups or [(0, n)]
+        Slot ``i`` feeds ``counts[i]`` tokens (default 1): its last token, then draft
+        tokens to check, at positions ``pos[i], pos[i] + 1, ...``; ``tokens`` holds them
+        slot after slot. ``groups``: contiguous slot ranges ``(a, b)`` attended separately,
+        each over its own longest length, so a short sequence does not read keys up to the
+        longest one's (``kv.split_by_length`` picks them)."""
+        n, dev = pos.shape[0], self.device
+        counts = counts or [1] * n
+        width, per_kv = max(counts), self.heads // self.kv_heads
         pos_list = pos.tolist()
-        cos_t, sin_t = self._rope_table(max(pos_list) + 1)
-        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)
-        ar = torch.arange(max(pos_list) + 1, device=self.device)
-        spans = []
-        for a, b in groups:
-            length = max(pos_list[a:b]) + 1
-            keep = ar[None, :length] <= pos[a:b, None]
-            spans.append((a, b, length, keep.view(b - a, 1, 1, length)))
-        # Flat row of each (slot, kv head) at its position, for one index_copy_ per layer.
-        heads_kv = torch.arange(self.kv_heads, device=self.device)
-        rows = (
-            (torch.arange(n, device=self.device)[:, None] * self.kv_heads + heads_kv)
-            * cache.max_len
-            + pos[:, None]
-        ).reshape(-1)
-        qk_heads, per_kv = self.heads + self.kv_heads, self.heads // self.kv_heads
+        ends = [p + c for p, c in zip(pos_list, counts, strict=True)]
+        if width == 1:
+            slot_of, row_pos, pad_idx = torch.arange(n, device=dev), pos, None
+        else:
+            cnt = torch.tensor(counts, device=dev)
+            slot_of = torch.repeat_interleave(torch.arange(n, device=dev), cnt)
+            j_of = torch.arange(len(slot_of), device=dev) - (cnt.cumsum(0) - cnt)[slot_of]
+            row_pos = pos[slot_of] + j_of
+            pad_idx = slot_of * width + j_of
+        cos_t, sin_t = self._rope_table(max(ends))
+        cos, sin = cos_t[row_pos].unsqueeze(1), sin_t[row_pos].unsqueeze(1)
+        spans = [(a, b, max(ends[a:b])) for a, b in (groups or [(0, n)])]
+        masks = [self._decode_mask(pos[a:b], counts[a:b], width, length) for a, b, length in spans]
+        # Flat cache row of each (row, kv head): one index_copy_ per layer writes them all.
+        heads_kv = torch.arange(self.kv_heads, device=dev)
+        rows = (slot_of[:, None] * self.kv_heads + heads_kv) * cache.max_len + row_pos[:, None]
+        rows = rows.reshape(-1)
+        qk_heads = self.heads + self.kv_heads
         x = F.embedding(tokens, self.embed)
+        r = x.shape[0]
         for li, b in enumerate(self.blocks):
             h = rms_norm(x, b.ln1, self.eps)
             qkv = b.qkv(h)
             # q and k side by side: one RoPE call for both (elementwise, same values).
             qk = apply_rope(
-                qkv[:, : qk_heads * self.head_dim].view(n, qk_heads, self.head_dim), cos, sin
+                qkv[:, : qk_heads * self.head_dim].view(r, qk_heads, self.head_dim), cos, sin
             )
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = qkv[:, qk_heads * self.head_dim :]
             kl, vl = cache.k[li], cache.v[li]
             kl.view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
             vl.view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
-            # pack_gqa: the query heads of one key/value head form its "sequence".
-            qg = q.reshape(n, self.kv_heads, per_kv, self.head_dim)
+            # pack_gqa: the query heads of one key/value head (times the slot's rows)
+            # form its "sequence"; row-major, so query row r is the slot's token r // per_kv.
+            if pad_idx is None:
+                qg = q.reshape(n, self.kv_heads, per_kv, self.head_dim)
+            else:
+                qg = q.new_zeros(n * width, self.heads, self.head_dim).index_copy_(0, pad_idx, q)
+                qg = qg.view(n, width, self.kv_heads, per_kv, self.head_dim).transpose(1, 2)
+                qg = qg.reshape(n, self.kv_heads, width * per_kv, self.head_dim)
             outs = [
                 F.scaled_dot_product_attention(
                     qg[a:b],
                     kl[a:b, :, :length],
                     vl[a:b, :, :length],
-                    attn_mask=mask,
+                    attn_mask=m,
                     scale=self.scaling,
                 )
-                for a, b, length, mask in spans
+                for (a, b, length), m in zip(spans, masks, strict=True)
             ]
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + b.o(o.reshape(n, -1))
+            if pad_idx is None:
+                o = o.reshape(n, -1)
+            else:
+                o = o.view(n, self.kv_heads, width, per_kv, self.head_dim).transpose(1, 2)
+                o = o.reshape(n * width, -1).index_select(0, pad_idx)
+            x = x + b.o(o)
             x = self._mlp(x, b)
         return self.logits(x)
+
+    def _decode_mask(self, pos: torch.Tensor, counts: list[int], width: int, length: int):
+        """Boolean [slots, 1, query rows, keys]: the slot's token j sees keys up to pos + j."""
+        keys = torch.arange(length, device=self.device)
+        if width == 1:
+            return (keys[None, :] <= pos[:, None]).view(len(counts), 1, 1, length)
+        per_kv = self.heads // self.kv_heads
+        j = torch.arange(width * per_kv, device=self.device) // per_kv
+        # Padding rows (j >= count) copy the slot's last real row; their output is dropped.
+        last = torch.tensor(counts, device=self.device)[:, None] - 1
+        limit = pos[:, None] + torch.minimum(j[None, :], last)
+        return (keys[None, None, :] <= limit[:, :, None]).unsqueeze(1)

@@ -1,0 +1,49 @@
+"""Linear products with weights pre-packed for MKL, for decode steps on a CPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    mkl = getattr(torch.ops, "mkl", None)
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkl.is_available()
+        and mkl is not None
+        and hasattr(mkl, "_mkl_linear")
+    )
+
+
+class Proj:
+    """A linear product, optionally with its weight pre-packed for MKL at ``m`` rows.
+
+    ``F.linear`` makes MKL pack the weight into its GEMM layout on every call; at decode
+    sizes (tens of rows) that extra pass over the weight costs as much as the product
+    (measured here: 47 vs 74 GFLOP/s on one core at 64 rows). ``torch.ops.mkl._mkl_linear``
+    (what inductor's weight prepacking calls) uses a layout packed once, and only when the
+    input has exactly ``m`` rows; smaller decode batches down to ``m/2`` rows are padded to
+    ``m`` since that still wins, anything else takes ``F.linear``."""
+
+    __slots__ = ("w", "b", "packed", "m")
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None):
+        self.w, self.b, self.packed, self.m = w, b, None, 0
+
+    def pack(self, m: int) -> None:
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w, m)
+        self.m = m
+
+    def unpack(self) -> None:
+        self.packed, self.m = None, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, m = x.shape[0], self.m
+        if self.packed is None or not (2 * n >= m and n <= m):
+            return F.linear(x, self.w, self.b)
+        if n < m:
+            x = torch.cat([x, x.new_zeros(m - n, x.shape[1])])
+        y = torch.ops.mkl._mkl_linear(x, self.packed, self.w, self.b, m)
+        return y if n == m else y[:n]
