@@ -10,10 +10,13 @@ system prompt) and ``distill`` (the SDFT general template on Alpaca rows, built 
 
 Engines (``--engines``): ``hf1`` and ``hf64`` (``HFEngine``: plain ``generate`` with left
 padding at batch 1, on the first ``--n-batch1`` prompts, and at batch 64), ``fast`` (the
-fast CPU engine), ``fast-nodraft`` (the same without looked-up drafts), ``distill`` (``run_distill`` on the fast engine: the distillation loop
-around it, filters and output file included; ``distill`` set only), ``openai``
-(``--openai-url``). On a GPU: ``vllm-offline`` (``vllm.LLM.generate`` on the same prompt
-tokens, nothing around it) and ``vllm`` (Distillery's ``VLLMEngine``), and their ratio.
+fast CPU engine), ``fast-draft`` (the same checking 3 looked-up draft tokens per step),
+``fast-int8`` (int8 weights: not exact, "same" then measures its quality cost),
+``distill`` (``run_distill`` on the fast engine: the distillation loop around it, with
+``--distill-batch`` rows per engine call, judging and output file included; ``distill``
+set only), ``openai`` (``--openai-url``). On a GPU: ``vllm-offline`` (``vllm.LLM.generate``
+on the same prompt tokens, nothing around it) and ``vllm`` (Distillery's ``VLLMEngine``),
+and their ratio.
 
 Tokens/s counts generated tokens (EOS included, as every engine reports them) over the
 whole wall time of the call, prefill included. "% roof" is the workload's exact FLOPs
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 from bench.roofline import Machine, memory_bound, workload_flops
+from service.specs import DistillSpec
 from service.teacher.base import GenParams, Request
 
 DATA = Path(os.environ.get("DISTILLERY_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
@@ -72,19 +76,19 @@ def run_vllm_offline(llm, tokenizer, requests, params) -> tuple[list[int], float
     return [len(o.outputs[0].token_ids) for o in outs], time.perf_counter() - t
 
 
-def run_distill_loop(engine, n: int, params: GenParams) -> tuple[int, float]:
-    """``run_distill`` with one batch of all n rows (the loop adds judging and writing)."""
+def run_distill_loop(engine, n: int, params: GenParams, batch: int) -> tuple[int, float]:
+    """``run_distill`` on the first n Alpaca rows in planned batches of ``batch`` rows (the
+    loop sorts rows by length, calls the engine per batch, judges and writes the rows)."""
     import tempfile
 
     from service.distill import run_distill
-    from service.specs import DistillSpec
 
     spec = DistillSpec(
         dataset=str(DATA / "alpaca/alpaca_5000.json"),
         limit=n,
         template="general",
         max_new_tokens=params.max_new_tokens,
-        batch_size=n,
+        batch_size=batch,
         engine="fast",
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,11 +117,19 @@ class Bench:
             self.engines["fast"] = FastEngine(
                 args.model, slots=args.slots, model=self.model, tokenizer=self.tokenizer
             )
-        if "fast-nodraft" in names:
-            self.engines["fast-nodraft"] = FastEngine(
+        if "fast-int8" in names:
+            self.engines["fast-int8"] = FastEngine(
                 args.model,
                 slots=args.slots,
-                lookahead=0,
+                weights="int8",
+                model=self.model,
+                tokenizer=self.tokenizer,
+            )
+        if "fast-draft" in names:
+            self.engines["fast-draft"] = FastEngine(
+                args.model,
+                slots=args.slots,
+                lookahead=3,
                 model=self.model,
                 tokenizer=self.tokenizer,
             )
@@ -138,10 +150,11 @@ class Bench:
             self.hf.batch_size = 1 if name == "hf1" else 64
             requests = requests[: args.n_batch1] if name == "hf1" else requests
             gens, secs = timed(self.hf, requests, params)
-        elif name in ("fast", "fast-nodraft", "openai") and name in self.engines:
+        elif name in ("fast", "fast-draft", "fast-int8", "openai") and name in self.engines:
             gens, secs = timed(self.engines[name], requests, params)
         elif name == "distill" and set_name == "distill" and "fast" in self.engines:
-            tokens, secs = run_distill_loop(self.engines["fast"], len(requests), params)
+            batch = args.distill_batch or len(requests)
+            tokens, secs = run_distill_loop(self.engines["fast"], len(requests), params, batch)
             return {"prompts": len(requests), "tokens": tokens, "seconds": secs}
         elif name == "vllm-offline" and self.gpu:
             gen_lens, secs = run_vllm_offline(
@@ -188,10 +201,11 @@ class Bench:
 
 
 def summarise(rows: dict, cfg, rate: float, bandwidth: float) -> dict:
+    for r in rows.values():
+        r["tok_s"] = r["tokens"] / r["seconds"]
     base = rows.get("hf64", {})
     ref = base.get("texts")
     for r in rows.values():
-        r["tok_s"] = r["tokens"] / r["seconds"]
         r["x_hf64"] = r["tok_s"] / base["tok_s"] if base.get("tok_s") else None
         if "gen_lens" in r:
             flops = workload_flops(cfg, r["prompt_lens"], r["gen_lens"])
@@ -238,8 +252,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--sets", default="gsm8k,distill")
     ap.add_argument("--engines", default="hf1,hf64,fast,distill")
-    ap.add_argument("--slots", type=int, default=64, help="fast engine decode slots")
+    ap.add_argument("--slots", type=int, default=128, help="fast engine decode slots")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--distill-batch",
+        type=int,
+        default=DistillSpec.model_fields["batch_size"].default,
+        help="rows per engine call in the distill row (default: the distill spec's; 0: all)",
+    )
     ap.add_argument("--openai-url", default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -276,8 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for set_name, rows in results.items():
         summarise(rows, bench.model.config, m.rate, m.bandwidth)
-        first = next(iter(rows.values()), None)
-        plens = first["prompt_lens"] if first and "prompt_lens" in first else []
+        plens = max((r.get("prompt_lens", []) for r in rows.values()), key=len, default=[])
         print(
             f"\n== {set_name}: {args.n} prompts"
             + (f", {statistics.mean(plens):.0f} prompt tokens on average" if plens else "")

@@ -194,6 +194,17 @@ def test_sampling_follows_seeds_not_batches(hf, fast):
     same(hf.generate(reqs, params, seeds), a)
 
 
+def test_int8_weights_option(varied_llama):
+    # Not exact by design (docs/performance.md measures how far it drifts from fp32):
+    # here it only has to run on int8 kernels and finish every request.
+    engine = FastEngine(str(varied_llama), slots=3, weights="int8")
+    assert all(p.int8 is not None for p in engine.forward.projections())
+    out = engine.generate([chat(q) for q in QUESTIONS], GenParams(max_new_tokens=8))
+    assert [g.tokens for g in out] == [8] * len(QUESTIONS)
+    with pytest.raises(ValueError, match="int8"):
+        FastEngine(str(varied_llama), weights="int4")
+
+
 def test_unsupported_architecture_falls_back(varied_llama, tmp_path):
     model_dir = tmp_path / "gelu-llama"
     shutil.copytree(varied_llama, model_dir)

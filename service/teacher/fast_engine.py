@@ -1,6 +1,6 @@
 """The fast CPU teacher engine: continuous batching over a slot KV cache, exact fp32.
 
-    engine = make_engine("fast", "builtin:smollm2-135m-instruct", slots=64)
+    engine = make_engine("fast", "builtin:smollm2-135m-instruct", slots=128)
     engine.generate([Request((("user", "What is 2 + 2?"),))], GenParams(max_new_tokens=64))
 
 Where plain ``generate`` loses time on a CPU (issue 4: it reaches about a third of the
@@ -23,7 +23,9 @@ machine's matrix-product rate), this engine does the following instead:
   are the model's own argmax at every position, so the output stays greedy decoding's.
 
 Options: ``slots`` (live sequences; more slots amortise each weight pass over more
-tokens), ``lookahead`` (0 turns drafting off), ``share_prefix``, ``pack_weights``,
+tokens), ``lookahead`` (draft tokens checked per step; 0, the default, turns drafting
+off), ``weights`` (``fp32``, exact, or ``int8``: faster, not exact, see ``proj.py`` and
+docs/performance.md for its measured cost), ``share_prefix``, ``pack_weights``,
 ``attn_groups``, ``prefill_tokens`` (prompt tokens prefilled together), ``threads``.
 
 Greedy output equals ``generate``'s token for token up to fp32 reduction order (see
@@ -76,12 +78,13 @@ class FastEngine(TeacherEngine):
         self,
         model_ref: str,
         device: str = "cpu",
-        slots: int = 64,
+        slots: int = 128,
         prefill_tokens: int = 1024,
         share_prefix: bool = True,
         attn_groups: int = 4,
         pack_weights: bool = True,
         lookahead: int = 0,
+        weights: str = "fp32",
         threads: int | None = None,
         model=None,
         tokenizer=None,
@@ -112,6 +115,10 @@ class FastEngine(TeacherEngine):
             self.forward = None
         else:
             self.forward = LlamaForward(model)
+            if weights == "int8":
+                self.forward.quantize_int8()
+            elif weights != "fp32":
+                raise ValueError(f"weights is 'fp32' (exact) or 'int8', not {weights!r}")
 
     def generate(
         self, requests: list[Request], params: GenParams, seeds: list[int] | None = None

@@ -144,6 +144,13 @@ class LlamaForward:
                 p.unpack()
         self.packed_rows = rows if rows and mkl_packing_available(self.device, self.dtype) else 0
 
+    def quantize_int8(self) -> None:
+        """Switch every linear product (LM head included) to int8 weights (``Proj.quantize``)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError("int8 weights are a CPU fp32 option")
+        for p in self.projections():
+            p.quantize()
+
     def cache_bytes(self, slots: int, max_len: int) -> int:
         per = self.layers * self.kv_heads * max_len * self.head_dim * self.embed.element_size()
         return 2 * slots * per

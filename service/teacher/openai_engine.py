@@ -1,7 +1,7 @@
 """A teacher served elsewhere, used by URL through the OpenAI chat completions API.
 
     engine = make_engine("openai", "http://gpu-box:8000/v1", model="my-teacher")
-    # or OpenAIEngine("http://gpu-box:8000/v1", model=None, api_key=..., concurrency=16)
+    # or OpenAIEngine("http://gpu-box:8000/v1", model=None, api_key=..., concurrency=64)
 
 Works with anything that speaks ``POST {base_url}/chat/completions``: ``vllm serve``,
 SGLang, TGI's Messages API, the llama.cpp server, OpenAI itself. ``base_url`` is what an
@@ -9,7 +9,8 @@ OpenAI client takes (it includes ``/v1``). ``model=None`` asks ``GET {base_url}/
 and takes the first id (a ``vllm serve`` process serves one model).
 
 Requests run concurrently, at most ``concurrency`` at a time (an asyncio semaphore over
-one ``httpx.AsyncClient``); the server batches them. A request that fails with 429, a 5xx
+one ``httpx.AsyncClient``); the server batches them, so a GPU server wants this well
+above 1 (default 32; vLLM schedules hundreds at once). A request that fails with 429, a 5xx
 or a connection error/timeout is retried ``retries`` times with exponential backoff
 (``Retry-After`` honoured); any other 4xx fails at once, with the server's message.
 
@@ -48,7 +49,7 @@ class OpenAIEngine(TeacherEngine):
         base_url: str,
         model: str | None = None,
         api_key: str | None = None,
-        concurrency: int = 8,
+        concurrency: int = 32,
         retries: int = 3,
         timeout: float = 600.0,
         backoff: float = 0.5,
