@@ -148,3 +148,9 @@ class FastEngine(TeacherEngine):
                 )
             )
         return out
+
+    def close(self) -> None:
+        """Drop the model, its packed weights and the fallback (memory goes with them)."""
+        if self.fallback is not None:
+            self.fallback.close()
+        self.forward = self.model = self.fallback = None
