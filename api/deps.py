@@ -49,7 +49,7 @@ ARedisDep = Annotated[aredis.Redis, Depends(get_aredis)]
 
 
 async def get_store(s: SettingsDep) -> ArtifactStore:
-    return ArtifactStore(s.home_dir())
+    return ArtifactStore.from_settings(s)
 
 
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]

@@ -124,7 +124,7 @@ def resolve_model(ref: str, home: Path | None = None) -> Path:
             convert_gguf(_builtin_gguf(name), out)
         return out
     if is_artifact_id(ref):
-        store = ArtifactStore(home)
+        store = ArtifactStore.from_settings(home=home)
         return store.path("model", ref) / "model"
     p = Path(ref).expanduser()
     if p.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,26 @@ class Settings(BaseSettings):
         description="Seconds a cancelled trainer job gets to stop at its next step before "
         "its child process is terminated.",
     )
+
+    # -- deployment (docs/deploy.md) ---------------------------------------------------
+    store_url: str | None = Field(
+        default=None,
+        description="Object store holding the artifacts, as an fsspec URL (s3://bucket/prefix; "
+        "needs the `s3` extra). Unset: artifacts live under home, which may be a shared "
+        "filesystem path. Set: home is only this machine's cache of downloaded artifacts.",
+    )
+    store_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='fsspec storage options for store_url, as JSON (e.g. {"endpoint_url": '
+        '"http://minio:9000"} for an S3-compatible server); credentials come from the usual '
+        "AWS_* variables.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines of the API and the workers: text, or one JSON object per line "
+        "(with job_id and tenant where known) for a log shipper.",
+    )
+    log_level: str = Field(default="INFO", description="Logging level: DEBUG, INFO, WARNING...")
 
     def home_dir(self) -> Path:
         path = self.home.expanduser()

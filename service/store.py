@@ -8,6 +8,16 @@ Layout under ``DISTILLERY_HOME`` (a local disk or any shared filesystem path)::
 
 Artifacts are written under a temporary name and renamed when complete, so a reader
 never sees half an artifact and a crash leaves only a ``.tmp-*`` folder to sweep.
+
+**Object-store mode** (``DISTILLERY_STORE_URL=s3://bucket/prefix``): the same layout
+lives under the URL (any fsspec filesystem; ``s3://`` needs the ``s3`` extra, s3fs), and
+``DISTILLERY_HOME`` becomes this machine's cache. Artifacts are finished directories, so
+the store moves whole directories: ``create`` builds one locally, then uploads its files
+and the manifest *last* (an object store has no directory rename; the manifest's
+presence is what marks an artifact complete, so a reader never sees half of one);
+``path`` returns a local directory (transformers needs local files), downloading the
+artifact into the cache unless the cached copy carries the same manifest, and checking
+every file's sha256 against it.
 """
 
 from __future__ import annotations
@@ -28,10 +38,15 @@ from service.errors import DistilleryError
 KINDS = ("dataset", "model", "run")
 PREFIX = {"dataset": "ds", "model": "mdl", "run": "run"}
 _ID_RE = re.compile(r"^(ds|mdl|run)_[0-9a-f]{16,32}$")
+MANIFEST = "manifest.json"
 
 
 class NotFound(DistilleryError):
     code = "not_found"
+
+
+class StoreError(DistilleryError):
+    code = "store_error"
 
 
 def new_id(kind: str) -> str:
@@ -51,9 +66,35 @@ def sha256_file(path: Path) -> str:
 
 
 class ArtifactStore:
-    def __init__(self, root: str | Path):
+    def __init__(
+        self,
+        root: str | Path,
+        remote: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        """``root``: the store (local mode) or this machine's cache of ``remote``, an
+        fsspec URL such as ``s3://bucket/prefix`` (object-store mode)."""
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remote = remote.rstrip("/") if remote else None
+        self.fs: Any = None
+        if self.remote:
+            import fsspec
+
+            self.fs, self.base = fsspec.core.url_to_fs(self.remote, **(storage_options or {}))
+            self.base = self.base.rstrip("/")
+
+    @classmethod
+    def from_settings(cls, settings: Any = None, home: Path | None = None) -> ArtifactStore:
+        if settings is None:
+            from service.settings import get_settings
+
+            settings = get_settings()
+        return cls(
+            home or settings.home_dir(),
+            remote=settings.store_url,
+            storage_options=settings.store_options,
+        )
 
     # -- paths -----------------------------------------------------------------------
     def kind_dir(self, kind: str) -> Path:
@@ -63,19 +104,32 @@ class ArtifactStore:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def path(self, kind: str, artifact_id: str) -> Path:
-        """Folder of an existing artifact; NotFound for an unknown or malformed id."""
+    def _check_id(self, kind: str, artifact_id: str) -> None:
         if not is_artifact_id(artifact_id) or not artifact_id.startswith(PREFIX[kind] + "_"):
             raise NotFound(f"no {kind} {artifact_id!r}")
+
+    def _remote_dir(self, kind: str, artifact_id: str = "") -> str:
+        return "/".join(p for p in (self.base, "artifacts", kind, artifact_id) if p)
+
+    def path(self, kind: str, artifact_id: str) -> Path:
+        """Folder of an existing artifact; NotFound for an unknown or malformed id."""
+        self._check_id(kind, artifact_id)
         p = self.kind_dir(kind) / artifact_id
-        if not (p / "manifest.json").is_file():
+        if self.remote:
+            manifest = self._remote_manifest(kind, artifact_id)
+            cached = p / MANIFEST
+            if not (cached.is_file() and cached.read_bytes() == manifest):
+                self._fetch(kind, artifact_id, manifest)
+            return p
+        if not (p / MANIFEST).is_file():
             raise NotFound(f"no {kind} {artifact_id!r}")
         return p
 
     # -- writing ---------------------------------------------------------------------
     @contextmanager
     def create(self, kind: str, artifact_id: str | None = None, **manifest: Any) -> Iterator[Path]:
-        """Yield a temporary folder; on success write the manifest and rename it into place.
+        """Yield a temporary folder; on success write the manifest and rename it into place
+        (and, in object-store mode, upload it).
 
         The manifest gets ``id``, ``kind``, ``created_at`` and a sha256 of every file.
         """
@@ -92,7 +146,9 @@ class ArtifactStore:
             }
             doc = {"id": artifact_id, "kind": kind, "created_at": time.time(), "files": files}
             doc.update(manifest)
-            (tmp / "manifest.json").write_text(json.dumps(doc, indent=2, default=str))
+            (tmp / MANIFEST).write_text(json.dumps(doc, indent=2, default=str))
+            if self.remote:
+                self._upload(tmp, kind, artifact_id)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -102,24 +158,103 @@ class ArtifactStore:
 
     # -- reading ---------------------------------------------------------------------
     def manifest(self, kind: str, artifact_id: str) -> dict:
-        return json.loads((self.path(kind, artifact_id) / "manifest.json").read_text())
+        if self.remote:
+            self._check_id(kind, artifact_id)
+            return json.loads(self._remote_manifest(kind, artifact_id))
+        return json.loads((self.path(kind, artifact_id) / MANIFEST).read_text())
 
     def list(self, kind: str, tenant: str | None = None) -> list[dict]:
         out = []
-        for d in self.kind_dir(kind).iterdir():
-            m = d / "manifest.json"
-            if d.name.startswith(".") or not m.is_file():
-                continue
-            doc = json.loads(m.read_text())
+        for doc in self._remote_manifests(kind) if self.remote else self._local_manifests(kind):
             if tenant is None or doc.get("tenant") == tenant:
                 out.append(doc)
         return sorted(out, key=lambda d: (d.get("created_at", 0), d["id"]))
 
+    def _local_manifests(self, kind: str) -> Iterator[dict]:
+        for d in self.kind_dir(kind).iterdir():
+            m = d / MANIFEST
+            if d.name.startswith(".") or not m.is_file():
+                continue
+            yield json.loads(m.read_text())
+
     def delete(self, kind: str, artifact_id: str) -> None:
+        if self.remote:
+            self._check_id(kind, artifact_id)
+            self._remote_manifest(kind, artifact_id)  # NotFound when missing
+            remote = self._remote_dir(kind, artifact_id)
+            self.fs.rm(f"{remote}/{MANIFEST}")  # first: from here on it does not exist
+            self.fs.rm(remote, recursive=True)
+            self.fs.invalidate_cache(remote)
+            shutil.rmtree(self.kind_dir(kind) / artifact_id, ignore_errors=True)
+            return
         shutil.rmtree(self.path(kind, artifact_id))
+
+    # -- object-store mode -------------------------------------------------------------
+    def _remote_manifest(self, kind: str, artifact_id: str) -> bytes:
+        try:
+            return self.fs.cat_file(f"{self._remote_dir(kind, artifact_id)}/{MANIFEST}")
+        except FileNotFoundError:
+            raise NotFound(f"no {kind} {artifact_id!r}") from None
+
+    def _remote_manifests(self, kind: str) -> Iterator[dict]:
+        root = self._remote_dir(kind)
+        # s3fs caches listings per process; another machine may have written since.
+        self.fs.invalidate_cache(root)
+        paths = [
+            p
+            for p in self.fs.glob(f"{root}/*/{MANIFEST}")
+            if not p.rstrip("/").split("/")[-2].startswith(".")
+        ]
+        for raw in (self.fs.cat(paths, on_error="omit") if paths else {}).values():
+            yield json.loads(raw)
+
+    def _upload(self, folder: Path, kind: str, artifact_id: str) -> None:
+        """Replace the remote artifact by ``folder``: files first, manifest last."""
+        remote = self._remote_dir(kind, artifact_id)
+        self.fs.invalidate_cache(remote)
+        if self.fs.exists(remote):  # a retried job registers its output again
+            try:
+                self.fs.rm(f"{remote}/{MANIFEST}")
+            except FileNotFoundError:
+                pass
+            self.fs.rm(remote, recursive=True)
+        files = [f for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST]
+        if files:
+            self.fs.put(
+                [str(f) for f in files],
+                [f"{remote}/{f.relative_to(folder).as_posix()}" for f in files],
+            )
+        self.fs.put_file(str(folder / MANIFEST), f"{remote}/{MANIFEST}")
+        self.fs.invalidate_cache(remote)
+
+    def _fetch(self, kind: str, artifact_id: str, manifest: bytes) -> None:
+        """Download the artifact into the cache, check it, and rename it into place."""
+        remote = self._remote_dir(kind, artifact_id)
+        doc = json.loads(manifest)
+        kdir = self.kind_dir(kind)
+        tmp = kdir / f".tmp-fetch-{artifact_id}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        try:
+            names = sorted(doc.get("files", {}))
+            if names:
+                self.fs.get([f"{remote}/{n}" for n in names], [str(tmp / n) for n in names])
+            for name in names:
+                if sha256_file(tmp / name) != doc["files"][name]:
+                    raise StoreError(
+                        f"{kind} {artifact_id}: {name} does not match its manifest's sha256"
+                    )
+            (tmp / MANIFEST).write_bytes(manifest)
+            final = kdir / artifact_id
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                tmp.rename(final)
+            except OSError:  # another process of this machine fetched it just now
+                if (final / MANIFEST).read_bytes() != manifest:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def get_store() -> ArtifactStore:
-    from service.settings import get_settings
-
-    return ArtifactStore(get_settings().home_dir())
+    return ArtifactStore.from_settings()

@@ -119,7 +119,7 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     if not start(conn, job):
         return records.status(conn, job_id) or "unknown"
     settings = get_settings()
-    store = ArtifactStore(settings.home_dir())
+    store = ArtifactStore.from_settings(settings)
     timeout = timeout if timeout is not None else settings.job_timeout
     deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
     reporter = RecordReporter(conn, job_id, deadline=deadline)
@@ -196,7 +196,7 @@ def write_report(
     from service.pipeline import write_run_dir
     from service.report import run_report
 
-    store = ArtifactStore(get_settings().home_dir())
+    store = ArtifactStore.from_settings()
     run_id = artifact_id_for("run", parent["id"])
     parents = [a for a in artifacts.values() if a]
     with store.create(
