@@ -8,6 +8,9 @@
     distillery jobs list --status running
     distillery jobs watch job_...
     distillery keys create --tenant acme
+    distillery keys create --admin
+    distillery keys revoke dk_...
+    distillery models import ./my-model/ --tenant acme
 """
 
 from __future__ import annotations
@@ -115,20 +118,66 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
+def _redis_for(args: argparse.Namespace):
     import redis
 
     from service.settings import get_settings
-    from workers.keys import create_key
     from workers.redis_server import configured_url
 
     url = args.redis_url or configured_url(get_settings().home_dir())
     if not url:
         print("error: no Redis: set REDIS_URL or start `distillery up`", file=sys.stderr)
+        return None
+    return redis.Redis.from_url(url)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from workers.keys import create_key, revoke_key
+
+    conn = _redis_for(args)
+    if conn is None:
         return 2
-    key = create_key(redis.Redis.from_url(url), args.tenant)
+    if args.action == "revoke":
+        if not revoke_key(conn, args.key):
+            print("error: no such key", file=sys.stderr)
+            return 1
+        print("revoked", file=sys.stderr)
+        return 0
+    tenant = args.tenant or ("admin" if args.admin else None)
+    if tenant is None:
+        print("error: --tenant is required (or --admin)", file=sys.stderr)
+        return 2
+    try:
+        key = create_key(conn, tenant, admin=args.admin)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(key)
-    print(f"(tenant {args.tenant}; the key is shown only now)", file=sys.stderr)
+    kind = "admin key" if args.admin else "key"
+    print(f"({kind} of tenant {tenant}; the key is shown only now)", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Bring a local model directory into a tenant's space in the store: API callers
+    name models by id, never by a path on the server."""
+    from service.errors import DistilleryError
+    from service.settings import get_settings
+    from service.store import ArtifactStore
+    from workers.keys import TENANT_RE
+    from workers.outputs import import_model
+
+    if not TENANT_RE.match(args.tenant):
+        print(f"error: bad tenant {args.tenant!r}", file=sys.stderr)
+        return 2
+    try:
+        manifest = import_model(
+            ArtifactStore(get_settings().home_dir()), args.tenant, args.path, name=args.name
+        )
+    except DistilleryError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(manifest["id"])
     return 0
 
 
@@ -216,6 +265,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     keys = sub.add_parser("keys", help="Manage API keys (writes to Redis).")
     acts = keys.add_subparsers(dest="action", required=True)
     create = acts.add_parser("create", help="Create a key for a tenant and print it once.")
-    create.add_argument("--tenant", required=True, help="Tenant the key belongs to.")
-    create.add_argument("--redis-url", help="Redis (default: REDIS_URL or the `up` one).")
+    create.add_argument("--tenant", help="Tenant the key belongs to (default with --admin: admin).")
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="An admin key: its list routes can show every tenant's items (?all=true).",
+    )
+    revoke = acts.add_parser("revoke", help="Revoke a key: it answers 401 from now on.")
+    revoke.add_argument("key")
+    for a in (create, revoke):
+        a.add_argument("--redis-url", help="Redis (default: REDIS_URL or the `up` one).")
     keys.set_defaults(func=cmd_keys, service=True)
+
+    models = sub.add_parser("models", help="Manage the store's models (writes to the store).")
+    acts = models.add_subparsers(dest="action", required=True)
+    imp = acts.add_parser(
+        "import",
+        help="Copy a local Hugging Face model directory into a tenant's space; prints its "
+        "model id (mdl_...), the name API jobs use for it.",
+    )
+    imp.add_argument("path", help="Model directory (with config.json and weights).")
+    imp.add_argument("--tenant", required=True, help="Tenant that will own the model.")
+    imp.add_argument("--name", help="A name to show (default: the directory name).")
+    models.set_defaults(func=cmd_models, service=True)

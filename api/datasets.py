@@ -11,7 +11,39 @@ import json
 from collections import Counter
 
 from service.datasets import parse_rows
+from service.errors import DatasetError, DistilleryError, RowError
+from service.settings import get_settings
 from service.store import ArtifactStore, NotFound, new_id
+
+
+class TooLarge(DistilleryError):
+    code = "too_large"
+
+
+def check_limits(rows: list, name: str) -> None:
+    """DISTILLERY_MAX_DATASET_ROWS (413) and DISTILLERY_MAX_ROW_KB (422, per line)."""
+    settings = get_settings()
+    if len(rows) > settings.max_dataset_rows:
+        raise TooLarge(
+            f"{name} has {len(rows)} rows; the limit is {settings.max_dataset_rows} "
+            "(DISTILLERY_MAX_DATASET_ROWS)",
+            {"rows": len(rows), "limit": settings.max_dataset_rows},
+        )
+    limit = int(settings.max_row_kb * 1024)
+    errors = []
+    for i, row in enumerate(rows, start=1):
+        size = len(json.dumps(row.source, ensure_ascii=False).encode())
+        if size > limit:
+            errors.append(
+                RowError(
+                    i,
+                    None,
+                    f"row of {size} bytes is over the {limit}-byte limit (DISTILLERY_MAX_ROW_KB)",
+                    name,
+                )  # fmt: skip
+            )
+    if errors:
+        raise DatasetError(errors[:100], summary=f"{name} has rows over the size limit")
 
 
 def save_dataset(
@@ -19,6 +51,7 @@ def save_dataset(
 ) -> dict:
     """Validate ``data`` (JSONL or a JSON array) and store it; return the manifest."""
     rows = parse_rows(data, name=name)
+    check_limits(rows, name)
     body = "".join(json.dumps(r.source, ensure_ascii=False) + "\n" for r in rows).encode()
     kinds = dict(Counter(r.kind for r in rows))
     art_id = new_id("dataset")

@@ -8,16 +8,17 @@ status poll (bench/api_load.py)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Annotated
 
 import redis
 import redis.asyncio as aredis
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.settings import Settings, get_settings
 from service.store import ArtifactStore
-from workers.keys import KEYS_HASH, hash_key
+from workers.keys import ADMIN_SET, KEYS_HASH, hash_key
 
 
 async def settings() -> Settings:
@@ -57,19 +58,55 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 _bearer = HTTPBearer(auto_error=False, description="An API key: `distillery keys create`.")
 
 
-async def get_tenant(
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the key's tenant, and whether the key is an admin key."""
+
+    tenant: str
+    admin: bool = False
+
+    def scope(self, all_tenants: bool) -> str | None:
+        """The tenant whose items a list route shows; None (every tenant) for an admin
+        key that asks for ``?all=true`` (403 for any other key)."""
+        if not all_tenants:
+            return self.tenant
+        if not self.admin:
+            raise HTTPException(403, "?all=true needs an admin key")
+        return None
+
+
+async def get_caller(
     conn: ARedisDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
+) -> Caller:
     """The tenant owning the bearer key; 401 without a valid one."""
     if credentials is None or not credentials.credentials:
         raise HTTPException(
             401, "missing API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
         )
-    tenant = await conn.hget(KEYS_HASH, hash_key(credentials.credentials))
+    digest = hash_key(credentials.credentials)
+    async with conn.pipeline(transaction=False) as p:
+        p.hget(KEYS_HASH, digest)
+        p.sismember(ADMIN_SET, digest)
+        tenant, admin = await p.execute()
     if tenant is None:
         raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
-    return tenant.decode()
+    return Caller(tenant.decode(), bool(admin))
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_tenant(caller: CallerDep) -> str:
+    return caller.tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+AllTenants = Annotated[
+    bool,
+    Query(
+        alias="all",
+        description="Admin keys only: list every tenant's items (403 for other keys).",
+    ),
+]

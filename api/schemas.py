@@ -88,6 +88,7 @@ class JobChild(BaseModel):
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
+    tenant: str | None = Field(None, description="The tenant owning it.")
     type: str
     status: JobStatus
     spec: dict[str, Any]
@@ -144,6 +145,7 @@ class EventsPublic(BaseModel):
 class DatasetPublic(BaseModel):
     id: str
     object: Literal["dataset"] = "dataset"
+    tenant: str | None = Field(None, description="The tenant owning it.")
     name: str | None = None
     rows: int
     bytes: int | None = None
@@ -157,6 +159,7 @@ class DatasetPublic(BaseModel):
     def from_manifest(cls, m: dict) -> DatasetPublic:
         return cls(
             id=m["id"],
+            tenant=m.get("tenant"),
             name=m.get("name"),
             rows=m.get("rows", 0),
             bytes=m.get("bytes"),
@@ -178,6 +181,7 @@ class DatasetsPublic(BaseModel):
 class ModelPublic(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    tenant: str | None = Field(None, description="The tenant owning it.")
     op: str | None = Field(None, description="prune, finetune or merge.")
     job_id: str | None = None
     created_at: float
@@ -192,6 +196,7 @@ class ModelPublic(BaseModel):
     def from_manifest(cls, m: dict, lineage: list[dict] | None = None) -> ModelPublic:
         return cls(
             id=m["id"],
+            tenant=m.get("tenant"),
             op=m.get("op"),
             job_id=m.get("job_id"),
             created_at=m["created_at"],

@@ -42,6 +42,25 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(
         default=512, gt=0, description="Largest dataset upload the API accepts, in MiB (413 above)."
     )
+    max_dataset_rows: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Most rows one uploaded dataset may hold (413 above).",
+    )
+    max_row_kb: float = Field(
+        default=256,
+        gt=0,
+        description="Largest single row of an uploaded dataset, in KiB (422 naming the line).",
+    )
+    max_active_jobs: int = Field(
+        default=100,
+        gt=0,
+        description="Unfinished (queued or running) jobs one tenant may have; a submission "
+        "above it answers 429 with Retry-After.",
+    )
+    retry_after: int = Field(
+        default=30, gt=0, description="Seconds the 429 of a full queue asks the client to wait."
+    )
     cancel_grace: float = Field(
         default=15,
         ge=0,

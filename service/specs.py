@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.models import DEFAULT_MODEL
 
 Ref = Annotated[str, Field(min_length=1, max_length=512)]
+MAX_SEED = 2**32 - 1  # numpy's and most samplers' seed range
+MAX_ROWS = 10_000_000  # largest row or document count a spec may name
 
 
 class Spec(BaseModel):
@@ -37,7 +39,7 @@ class PruneSpec(Spec):
     samples: int = Field(128, ge=1, le=100_000, description="Calibration rows to score on.")
     max_length: int = Field(256, ge=8, le=32_768, description="Tokens kept per calibration row.")
     batch_size: int = Field(8, ge=1, le=1024, description="Calibration rows per forward pass.")
-    seed: int = Field(0, ge=0, description="Seed for sampling calibration rows.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for sampling calibration rows.")
 
 
 class DistillSpec(Spec):
@@ -48,9 +50,7 @@ class DistillSpec(Spec):
         description="SDFT template: general (Alpaca/Dolly), math (GSM8K, final answer "
         "checked against the label), auto picks per row from its shape.",
     )
-    limit: int | None = Field(
-        None, ge=1, le=10_000_000, description="Rewrite only the first K rows."
-    )
+    limit: int | None = Field(None, ge=1, le=MAX_ROWS, description="Rewrite only the first K rows.")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest rewrite, in tokens.")
     batch_size: int = Field(16, ge=1, le=1024, description="Rows generated together.")
     engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
@@ -58,7 +58,9 @@ class DistillSpec(Spec):
     )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int = Field(0, ge=0, description="Sampling seed (sampling is reproducible per row).")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Sampling seed (sampling is reproducible per row)."
+    )
 
 
 class FinetuneSpec(Spec):
@@ -72,6 +74,7 @@ class FinetuneSpec(Spec):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
+        max_length=32,
         description="Modules that get adapters (SDFT: q_proj,v_proj).",
     )
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate, cosine decay (SDFT).")
@@ -80,11 +83,13 @@ class FinetuneSpec(Spec):
     batch_size: int = Field(8, ge=1, le=1024, description="Effective batch size (SDFT: 8).")
     micro_batch_size: int = Field(8, ge=1, le=1024, description="Rows per forward pass.")
     max_length: int = Field(512, ge=16, le=32_768, description="Tokens kept per row.")
-    limit: int | None = Field(None, ge=1, description="Train on the first K rows only.")
-    checkpoint_every: int = Field(
-        20, ge=1, description="Save a resumable checkpoint every N steps."
+    limit: int | None = Field(
+        None, ge=1, le=MAX_ROWS, description="Train on the first K rows only."
     )
-    seed: int = Field(0, ge=0, description="Seed for adapter init and shuffling.")
+    checkpoint_every: int = Field(
+        20, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps."
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for adapter init and shuffling.")
 
     @field_validator("target_modules")
     @classmethod
@@ -114,7 +119,9 @@ class EvaluateSpec(Spec):
     tasks: list[Literal[TASKS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["arc_easy", "piqa"], min_length=1, description="Tasks to run."
     )
-    limit: int | None = Field(None, ge=1, description="First K documents of each task.")
+    limit: int | None = Field(
+        None, ge=1, le=MAX_ROWS, description="First K documents of each task."
+    )
     batch_size: int = Field(16, ge=1, le=1024, description="Evaluation batch size.")
     # Teacher agreement and speculative decoding (service/agreement.py, speculative.py).
     teacher: Ref | None = Field(
@@ -151,7 +158,9 @@ class PipelineSpec(Spec):
     blocks: int = Field(6, ge=1, le=1024, description="Blocks to remove (paper: 6 of 32).")
     metric: Literal["angular", "bi"] = "angular"
     samples: int = Field(128, ge=1, le=100_000, description="Calibration rows.")
-    limit: int | None = Field(None, ge=1, description="Distill and train on the first K rows.")
+    limit: int | None = Field(
+        None, ge=1, le=MAX_ROWS, description="Distill and train on the first K rows."
+    )
     max_new_tokens: int = Field(256, ge=1, le=8192)
     template: Literal["auto", "general", "math"] = "auto"
     engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
@@ -164,7 +173,9 @@ class PipelineSpec(Spec):
     tasks: list[Literal[TASKS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["arc_easy", "piqa"], min_length=1
     )
-    eval_limit: int | None = Field(None, ge=1, description="First K documents of each task.")
+    eval_limit: int | None = Field(
+        None, ge=1, le=MAX_ROWS, description="First K documents of each task."
+    )
     agreement_prompts: int = Field(
         8,
         ge=0,
@@ -173,7 +184,7 @@ class PipelineSpec(Spec):
         "the pruned and recovered models (0: skip).",
     )
     agreement_max_new_tokens: int = Field(32, ge=1, le=4096)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 # Job type -> its spec: the one table the API, the CLI and the workers share.

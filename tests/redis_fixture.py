@@ -101,6 +101,16 @@ def tenant_key(redis_conn) -> tuple[str, str]:
 
 
 @pytest.fixture
+def tiny_model(session_home, tiny_llama, tenant_key) -> str:
+    """The tiny random Llama as a model id (mdl_...) of the fresh tenant: over the API,
+    models are named by id, never by a path on the server (``distillery models import``)."""
+    from service.store import ArtifactStore
+    from workers.outputs import import_model
+
+    return import_model(ArtifactStore(session_home), tenant_key[0], tiny_llama)["id"]
+
+
+@pytest.fixture
 def api(api_url, tenant_key) -> httpx.Client:
     """An HTTP client of the live API, authenticated as a fresh tenant."""
     with httpx.Client(

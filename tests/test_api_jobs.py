@@ -55,14 +55,14 @@ def wait_job(api, job_id, timeout=180.0, until=TERMINAL) -> dict:
     return job
 
 
-def distill_body(tiny_llama, dataset, **kw) -> dict:
-    return {"type": "distill", "teacher": str(tiny_llama), "dataset": dataset,
+def distill_body(tiny_model, dataset, **kw) -> dict:
+    return {"type": "distill", "teacher": tiny_model, "dataset": dataset,
             "max_new_tokens": 8, "batch_size": 4, **kw}  # fmt: skip
 
 
-def test_distill_job_rows_and_provenance(api, workers, tiny_llama):
+def test_distill_job_rows_and_provenance(api, workers, tiny_model):
     ds = upload(api, ALPACA_ROWS)
-    job = submit(api, **distill_body(tiny_llama, ds))
+    job = submit(api, **distill_body(tiny_model, ds))
     assert job["status"] == "queued" and job["type"] == "distill" and job["spec"]["dataset"] == ds
     done = wait_job(api, job["id"])
     assert done["status"] == "succeeded", done["error"]
@@ -97,20 +97,20 @@ def test_distill_job_rows_and_provenance(api, workers, tiny_llama):
     assert page["data"][0]["id"] == events[1]["id"] and page["has_more"]
 
 
-def test_teacher_worker_keeps_its_engine(api, workers, tiny_llama):
+def test_teacher_worker_keeps_its_engine(api, workers, tiny_model):
     log = workers / "teacher.log"
-    loads = lambda: log.read_text().count(f"loaded teacher {tiny_llama}")  # noqa: E731
+    loads = lambda: log.read_text().count(f"loaded teacher {tiny_model}")  # noqa: E731
     ds = upload(api, ALPACA_ROWS[:2])
-    assert wait_job(api, submit(api, **distill_body(tiny_llama, ds))["id"])["status"] == "succeeded"
+    assert wait_job(api, submit(api, **distill_body(tiny_model, ds))["id"])["status"] == "succeeded"
     before = loads()
     assert before >= 1
-    assert wait_job(api, submit(api, **distill_body(tiny_llama, ds))["id"])["status"] == "succeeded"
+    assert wait_job(api, submit(api, **distill_body(tiny_model, ds))["id"])["status"] == "succeeded"
     assert loads() == before  # the second job used the loaded engine
 
 
-def test_sse_stream_follows_a_job(api, api_url, workers, tiny_llama):
+def test_sse_stream_follows_a_job(api, api_url, workers, tiny_model):
     ds = upload(api, ALPACA_ROWS[:4])
-    job = submit(api, **distill_body(tiny_llama, ds, batch_size=1))
+    job = submit(api, **distill_body(tiny_model, ds, batch_size=1))
     events = []
     with api.stream(
         "GET", f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}
@@ -140,14 +140,14 @@ def test_sse_stream_follows_a_job(api, api_url, workers, tiny_llama):
     assert ids == [events[-1]["id"]]
 
 
-def test_cancel_a_queued_and_a_running_distill_job(api, workers, tiny_llama):
+def test_cancel_a_queued_and_a_running_distill_job(api, workers, tiny_model):
     long = upload(api, ALPACA_ROWS * 40)  # 320 rows, one per batch: minutes of work
-    running = submit(api, **distill_body(tiny_llama, long, batch_size=1, max_new_tokens=64))
+    running = submit(api, **distill_body(tiny_model, long, batch_size=1, max_new_tokens=64))
     wait_for(
         lambda: api.get(f"/v1/jobs/{running['id']}").json()["progress"].get("rows_done", 0) >= 1,
         120, 0.2, "the long job to make progress",
     )  # fmt: skip
-    queued = submit(api, **distill_body(tiny_llama, long))  # waits behind it (one worker)
+    queued = submit(api, **distill_body(tiny_model, long))  # waits behind it (one worker)
     r = api.post(f"/v1/jobs/{queued['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = api.post(f"/v1/jobs/{queued['id']}/cancel")
@@ -162,12 +162,12 @@ def test_cancel_a_queued_and_a_running_distill_job(api, workers, tiny_llama):
 
     # the worker is still there and takes new work; the cancelled queued job never ran
     ds = upload(api, ALPACA_ROWS[:2])
-    assert wait_job(api, submit(api, **distill_body(tiny_llama, ds))["id"])["status"] == "succeeded"
+    assert wait_job(api, submit(api, **distill_body(tiny_model, ds))["id"])["status"] == "succeeded"
     assert api.get(f"/v1/jobs/{queued['id']}").json()["started_at"] is None
 
 
-def finetune_body(tiny_llama, ds) -> dict:
-    return {"type": "finetune", "model": str(tiny_llama), "dataset": ds, "epochs": 20,
+def finetune_body(tiny_model, ds) -> dict:
+    return {"type": "finetune", "model": tiny_model, "dataset": ds, "epochs": 20,
             "batch_size": 1, "micro_batch_size": 1, "checkpoint_every": 1000}  # fmt: skip
 
 
@@ -177,9 +177,9 @@ def child_pid(job_id: str) -> int | None:
     return pids[0] if pids else None
 
 
-def test_cancel_a_running_trainer_job_and_survive_a_crash(api, workers, tiny_llama):
+def test_cancel_a_running_trainer_job_and_survive_a_crash(api, workers, tiny_model):
     ds = upload(api, ALPACA_ROWS)
-    job = submit(api, **finetune_body(tiny_llama, ds))
+    job = submit(api, **finetune_body(tiny_model, ds))
     wait_for(
         lambda: api.get(f"/v1/jobs/{job['id']}").json()["progress"].get("step", 0) >= 1,
         180, 0.2, "fine-tuning to take a step",
@@ -187,7 +187,7 @@ def test_cancel_a_running_trainer_job_and_survive_a_crash(api, workers, tiny_lla
     assert api.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
     assert wait_job(api, job["id"], timeout=60)["status"] == "cancelled"
 
-    crash = submit(api, **finetune_body(tiny_llama, ds))
+    crash = submit(api, **finetune_body(tiny_model, ds))
     pid = wait_for(lambda: child_pid(crash["id"]), 120, 0.2, "the child process")
     wait_for(lambda: api.get(f"/v1/jobs/{crash['id']}").json()["status"] == "running", 60)
     os.kill(pid, signal.SIGKILL)  # as the OOM killer would
@@ -195,17 +195,17 @@ def test_cancel_a_running_trainer_job_and_survive_a_crash(api, workers, tiny_lla
     assert done["status"] == "failed"
     assert done["error"]["code"] == "crashed" and "SIGKILL" in done["error"]["message"]
     # the trainer worker survived: the next job runs
-    ok = submit(api, **{**finetune_body(tiny_llama, ds), "epochs": 1, "limit": 2})
+    ok = submit(api, **{**finetune_body(tiny_model, ds), "epochs": 1, "limit": 2})
     done = wait_job(api, ok["id"], timeout=180)
     assert done["status"] == "succeeded", done["error"]
     model = api.get(f"/v1/models/{done['artifacts']['model']}").json()
-    assert model["op"] == "finetune" and model["parents"] == [str(tiny_llama), ds]
+    assert model["op"] == "finetune" and model["parents"] == [tiny_model, ds]
     assert [step["ref"] for step in model["lineage"]][:1] == [done["artifacts"]["model"]]
 
 
-def test_idempotency_key(api, workers, tiny_llama):
+def test_idempotency_key(api, workers, tiny_model):
     ds = upload(api, ALPACA_ROWS[:2])
-    body = distill_body(tiny_llama, ds)
+    body = distill_body(tiny_model, ds)
     first = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
     again = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
     assert first.status_code == again.status_code == 202
@@ -216,11 +216,11 @@ def test_idempotency_key(api, workers, tiny_llama):
     assert wait_job(api, first.json()["id"])["status"] == "succeeded"
 
 
-def test_distill_endpoint_waits_or_answers_202(api, workers, tiny_llama):
+def test_distill_endpoint_waits_or_answers_202(api, workers, tiny_model):
     rows = ALPACA_ROWS[:3]
     r = api.post(
         "/v1/distill?wait=120",
-        json={"rows": rows, "teacher": str(tiny_llama), "max_new_tokens": 8},
+        json={"rows": rows, "teacher": tiny_model, "max_new_tokens": 8},
         timeout=150,
     )
     assert r.status_code == 200, r.text
@@ -230,16 +230,16 @@ def test_distill_endpoint_waits_or_answers_202(api, workers, tiny_llama):
     assert [row["instruction"] for row in out["rows"]] == [x["instruction"] for x in rows]
 
     r = api.post(
-        "/v1/distill?wait=0", json={"rows": rows, "teacher": str(tiny_llama), "max_new_tokens": 8}
+        "/v1/distill?wait=0", json={"rows": rows, "teacher": tiny_model, "max_new_tokens": 8}
     )
     assert r.status_code == 202 and r.json()["rows"] is None
     assert wait_job(api, r.json()["job"]["id"])["status"] == "succeeded"
 
-    r = api.post("/v1/distill", json={"rows": [{"instruction": "x"}], "teacher": str(tiny_llama)})
+    r = api.post("/v1/distill", json={"rows": [{"instruction": "x"}], "teacher": tiny_model})
     assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "output"
 
 
-def test_specs_are_validated_at_submission(api, api_url, redis_conn, tiny_llama):
+def test_specs_are_validated_at_submission(api, api_url, redis_conn, tiny_model):
     from workers.keys import create_key
 
     ds = upload(api, ALPACA_ROWS[:2])
@@ -257,12 +257,12 @@ def test_specs_are_validated_at_submission(api, api_url, redis_conn, tiny_llama)
     )
     assert r.status_code == 404
     other = {"Authorization": f"Bearer {create_key(redis_conn, 'other-tenant')}"}
-    r = httpx.post(f"{api_url}/v1/jobs", json=distill_body(tiny_llama, ds), headers=other)
+    r = httpx.post(f"{api_url}/v1/jobs", json=distill_body(tiny_model, ds), headers=other)
     assert r.status_code == 404  # another tenant's dataset does not exist for them
     assert api.get("/v1/jobs").json()["data"] == []  # nothing was queued
 
 
-def test_list_jobs_with_cursor_and_filters(api, redis_conn, tiny_llama):
+def test_list_jobs_with_cursor_and_filters(api, redis_conn, tiny_model):
     from workers import records
     from workers.keys import tenant_for
 

@@ -23,8 +23,8 @@ def upload_rows(api, eval_data) -> str:
     return r.json()["id"]
 
 
-def pipeline_body(tiny_llama, ds) -> dict:
-    return {"type": "pipeline", "model": str(tiny_llama), "dataset": ds, "blocks": 2,
+def pipeline_body(tiny_model, ds) -> dict:
+    return {"type": "pipeline", "model": tiny_model, "dataset": ds, "blocks": 2,
             "samples": 8, "limit": 8, "max_new_tokens": 8, "epochs": 1, "tasks": ["arith"],
             "eval_limit": 10, "agreement_prompts": 2, "agreement_max_new_tokens": 4}  # fmt: skip
 
@@ -39,9 +39,9 @@ def wait_job(api, job_id, timeout) -> dict:
     raise AssertionError(f"pipeline still {job['status']}: {job['children']}")
 
 
-def test_pipeline_job(api, workers, tiny_llama, eval_data):
+def test_pipeline_job(api, workers, tiny_model, eval_data):
     ds = upload_rows(api, eval_data)
-    r = api.post("/v1/jobs", json=pipeline_body(tiny_llama, ds))
+    r = api.post("/v1/jobs", json=pipeline_body(tiny_model, ds))
     assert r.status_code == 202, r.text
     job = r.json()
     assert [c["step"] for c in job["children"]] == STEPS
@@ -63,7 +63,7 @@ def test_pipeline_job(api, workers, tiny_llama, eval_data):
         arts["distilled"],
     ]
     chain = [step["ref"] for step in recovered["lineage"]]
-    assert chain[:2] == [arts["recovered"], arts["pruned"]] and str(tiny_llama) in chain
+    assert chain[:2] == [arts["recovered"], arts["pruned"]] and tiny_model in chain
     assert recovered["info"]["num_hidden_layers"] == 4
     distilled = api.get(f"/v1/datasets/{arts['distilled']}").json()
     assert distilled["rows"] == 8
@@ -80,9 +80,9 @@ def test_pipeline_job(api, workers, tiny_llama, eval_data):
     assert {arts["pruned"], arts["recovered"]} <= models
 
 
-def test_cancelling_a_pipeline_cancels_its_steps(api, workers, tiny_llama, eval_data):
+def test_cancelling_a_pipeline_cancels_its_steps(api, workers, tiny_model, eval_data):
     ds = upload_rows(api, eval_data)
-    job = api.post("/v1/jobs", json=pipeline_body(tiny_llama, ds)).json()
+    job = api.post("/v1/jobs", json=pipeline_body(tiny_model, ds)).json()
     r = api.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     deadline = time.monotonic() + 120

@@ -99,7 +99,11 @@ def test_up_runs_a_job_stops_cleanly_and_keeps_it(tmp_path, tiny_llama):
         up = cli(home, url, "datasets", "upload", str(data))
         assert up.returncode == 0, up.stderr
         ds = json.loads(up.stdout)["id"]
-        sub = cli(home, url, "jobs", "submit", "distill", "--teacher", str(tiny_llama),
+        # over the API a model is an id of the tenant's: the operator imports the directory
+        imp = cli(home, url, "models", "import", str(tiny_llama), "--tenant", "local")
+        assert imp.returncode == 0, imp.stderr
+        model = imp.stdout.strip()
+        sub = cli(home, url, "jobs", "submit", "distill", "--teacher", model,
                   "--dataset", ds, "--max-new-tokens", "4", "--watch")  # fmt: skip
         assert sub.returncode == 0, sub.stderr
         job_id = json.loads(sub.stdout)["id"]

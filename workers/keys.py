@@ -1,9 +1,13 @@
 """API keys: bearer tokens, each belonging to one tenant, stored only as sha256 hashes.
 
     distillery keys create --tenant acme     # prints the key once
+    distillery keys create --admin           # an admin key (tenant "admin")
+    distillery keys revoke dk_...
 
 A key is ``dk_`` + 32 random URL-safe bytes; Redis maps ``sha256(key)`` to the tenant
 (hash ``distillery:apikeys``), so a copy of the database does not reveal usable keys.
+An admin key is also in the set ``distillery:apikeys:admin``: it acts as its own tenant
+everywhere, and its list routes (jobs, datasets, models) show every tenant's.
 A plain sha256 (no salt, no slow hash) suits random 256-bit tokens: there is nothing to
 brute-force, unlike a password.
 """
@@ -17,6 +21,7 @@ import secrets
 import redis
 
 KEYS_HASH = "distillery:apikeys"
+ADMIN_SET = "distillery:apikeys:admin"
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -24,11 +29,15 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(conn: redis.Redis, tenant: str) -> str:
-    if not TENANT_RE.match(tenant):
+def create_key(conn: redis.Redis, tenant: str, admin: bool = False) -> str:
+    if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
         raise ValueError("tenant: 1-64 letters, digits, '_', '.', '-' (starting alphanumeric)")
     key = "dk_" + secrets.token_urlsafe(32)
-    conn.hset(KEYS_HASH, hash_key(key), tenant)
+    p = conn.pipeline()
+    p.hset(KEYS_HASH, hash_key(key), tenant)
+    if admin:
+        p.sadd(ADMIN_SET, hash_key(key))
+    p.execute()
     return key
 
 
@@ -42,5 +51,13 @@ def tenant_for(conn: redis.Redis, key: str) -> str | None:
     return t.decode() if isinstance(t, bytes) else t
 
 
+def is_admin(conn: redis.Redis, key: str) -> bool:
+    return bool(conn.sismember(ADMIN_SET, hash_key(key)))
+
+
 def revoke_key(conn: redis.Redis, key: str) -> bool:
-    return bool(conn.hdel(KEYS_HASH, hash_key(key)))
+    """Forget a key (its tenant's data stays); False if it was not a key."""
+    p = conn.pipeline()
+    p.hdel(KEYS_HASH, hash_key(key))
+    p.srem(ADMIN_SET, hash_key(key))
+    return bool(p.execute()[0])

@@ -17,6 +17,7 @@ job (``mdl_<job hex>``, so registering twice replaces rather than duplicates):
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import redis
 
 from service.errors import SpecError
-from service.store import ArtifactStore, NotFound, is_artifact_id
+from service.store import ArtifactStore, NotFound, is_artifact_id, new_id
 from workers import records
 
 # Which spec fields hold a dataset, and which a model (lists: every item is one).
@@ -102,6 +103,92 @@ def check_refs(store: ArtifactStore, tenant: str, spec: dict) -> None:
             for ref in value if isinstance(value, list) else [value]:
                 if isinstance(ref, str):
                     check_ref(store, tenant, field, ref)
+
+
+# A hub id as the API accepts it: "org/name", plain characters, no "..".
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def check_api_refs(store: ArtifactStore, tenant: str, spec: dict) -> None:
+    """References an API caller may use: ids of its own datasets, models and jobs,
+    builtin names and hub ids. Never a path on the server (the CLI, running on the
+    caller's own machine, keeps local paths). Then the checks every submission gets
+    (``check_refs``) and, where the model's depth is known, ``blocks`` below it."""
+    for field, value in spec.items():
+        if field not in DATASET_FIELDS and field not in MODEL_FIELDS:
+            continue
+        if field == "teacher" and spec.get("engine") == "openai":
+            continue  # a model name on a remote server
+        for ref in value if isinstance(value, list) else [value]:
+            if isinstance(ref, str):
+                check_api_ref(field, ref)
+    check_refs(store, tenant, spec)
+    check_depth(store, spec)
+
+
+def check_api_ref(field: str, ref: str) -> None:
+    if is_artifact_id(ref) or re.fullmatch(r"job_[0-9a-f]{16,32}", ref):
+        return
+    if ref.startswith("builtin:") and field not in DATASET_FIELDS:
+        return  # check_refs checks the name
+    if field not in DATASET_FIELDS and HUB_ID_RE.match(ref) and ".." not in ref:
+        return
+    if field in DATASET_FIELDS:
+        what = "a dataset id (ds_...)"
+        how = "upload the rows (POST /v1/datasets) and name the dataset id"
+    else:
+        what = "a model id (mdl_...), a builtin (builtin:...) or a hub id (org/name)"
+        how = "an operator can import a model directory: distillery models import DIR --tenant T"
+    raise SpecError(
+        f"{field}: expected {what}; paths on the server are not accepted over the API ({how})",
+        {"field": field},
+    )
+
+
+def check_depth(store: ArtifactStore, spec: dict) -> None:
+    """``blocks`` must leave at least one block of a store model (its manifest knows the
+    depth; other references are checked by the job itself)."""
+    blocks, model = spec.get("blocks"), spec.get("model")
+    if not isinstance(blocks, int) or not isinstance(model, str) or not model.startswith("mdl_"):
+        return
+    try:
+        depth = (store.manifest("model", model).get("info") or {}).get("num_hidden_layers")
+    except NotFound:
+        return
+    if isinstance(depth, int) and blocks >= depth:
+        raise SpecError(
+            f"blocks: cannot remove {blocks} blocks from {model}, which has {depth}; "
+            f"choose between 1 and {depth - 1}",
+            {"field": "blocks", "blocks": blocks, "num_hidden_layers": depth},
+        )
+
+
+def import_model(
+    store: ArtifactStore, tenant: str, path: str | Path, name: str | None = None
+) -> dict:
+    """Copy a local Hugging Face model directory into ``tenant``'s space (operator side);
+    return the new model's manifest. A directory that does not load as a model is refused."""
+    from service.models import model_info
+
+    src = Path(path).expanduser()
+    if not (src / "config.json").is_file():
+        raise SpecError(f"{src} is not a Hugging Face model directory (no config.json)")
+    try:
+        info = model_info(src)
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(src)
+    except Exception as exc:
+        raise SpecError(f"{src} does not hold a usable model config: {exc}") from exc
+    if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
+        raise SpecError(f"{src} holds no weights (*.safetensors or *.bin)")
+    art_id = new_id("model")
+    with store.create(
+        "model", artifact_id=art_id, tenant=tenant, op="import", name=name or src.name,
+        parents=[], info=info,
+    ) as tmp:  # fmt: skip
+        shutil.copytree(src, tmp / "model", ignore=shutil.ignore_patterns(".*"))
+    return store.manifest("model", art_id)
 
 
 def resolve_job_refs(conn: redis.Redis, tenant: str, spec: dict) -> dict:

@@ -109,6 +109,7 @@ def create(
     p.hset(job_key(job_id), mapping=doc)
     if not parent:
         p.zadd(index_key(tenant), {f"{created_us:017d}:{job_id}": 0})
+        p.sadd(active_key(tenant), job_id)
     p.xadd(
         events_key(job_id),
         {"type": "status", "level": "info", "message": "queued", "data": "{}"},
@@ -249,32 +250,18 @@ def events(
 # -- listing --------------------------------------------------------------------------
 
 
-def list_jobs(
-    conn: redis.Redis,
-    tenant: str,
-    *,
-    after: str | None = None,
-    limit: int = 20,
-    status: str | None = None,
-    type: str | None = None,
-) -> tuple[list[dict], bool]:
-    """A tenant's top-level jobs, newest first, after the job id ``after``; and has_more.
-
-    Filters are applied while scanning the index in batches, so a page is full whenever
+def _scan_index(
+    conn: redis.Redis, key: str, max_bound: str, limit: int, status: str | None, type: str | None
+) -> list[dict]:
+    """Up to ``limit`` matching records of one tenant index below ``max_bound``, newest
+    first. Filters are applied while scanning in batches, so the result is full whenever
     enough matching jobs exist."""
-    key = index_key(tenant)
-    max_bound = "+"
-    if after:
-        rec = get(conn, after)
-        if rec is None or rec["tenant"] != tenant:
-            return [], False
-        max_bound = f"({rec['created_us']:017d}:{after}"
     out: list[dict] = []
     batch = max(limit * 2, 50)
     while True:
         members = conn.zrevrangebylex(key, max_bound, "-", start=0, num=batch)
         if not members:
-            return out, False
+            return out
         ids = [(m.decode() if isinstance(m, bytes) else m).split(":", 1)[1] for m in members]
         p = conn.pipeline()
         for jid in ids:
@@ -285,10 +272,61 @@ def list_jobs(
             rec = decode(raw)
             if (status and rec["status"] != status) or (type and rec["type"] != type):
                 continue
-            if len(out) == limit:
-                return out, True
             out.append(rec)
+            if len(out) == limit:
+                return out
         last = members[-1].decode() if isinstance(members[-1], bytes) else members[-1]
         max_bound = f"({last}"
         if len(members) < batch:
-            return out, False
+            return out
+
+
+def list_jobs(
+    conn: redis.Redis,
+    tenant: str | None,
+    *,
+    after: str | None = None,
+    limit: int = 20,
+    status: str | None = None,
+    type: str | None = None,
+) -> tuple[list[dict], bool]:
+    """A tenant's top-level jobs (every tenant's when ``tenant`` is None: admin keys),
+    newest first, after the job id ``after``; and has_more."""
+    max_bound = "+"
+    if after:
+        rec = get(conn, after)
+        if rec is None or (tenant is not None and rec["tenant"] != tenant):
+            return [], False
+        max_bound = f"({rec['created_us']:017d}:{after}"
+    if tenant is not None:
+        keys = [index_key(tenant)]
+    else:
+        keys = sorted(conn.scan_iter(match=index_key("*"), count=1000))
+    found: list[dict] = []
+    for key in keys:
+        found += _scan_index(conn, key, max_bound, limit + 1, status, type)
+    found.sort(key=lambda r: (r["created_us"], r["id"]), reverse=True)
+    return found[:limit], len(found) > limit
+
+
+def active_key(tenant: str) -> str:
+    return f"{PREFIX}:active:{tenant}"
+
+
+def count_active(conn: redis.Redis, tenant: str) -> int:
+    """How many of ``tenant``'s top-level jobs are not finished (queued or running).
+    Finished or vanished ones are dropped from the set as they are seen, so the set
+    stays about as small as the limit it is checked against."""
+    ids = [m.decode() if isinstance(m, bytes) else m for m in conn.smembers(active_key(tenant))]
+    if not ids:
+        return 0
+    p = conn.pipeline()
+    for jid in ids:
+        p.hget(job_key(jid), "status")
+    states = p.execute()
+    done = [
+        jid for jid, st in zip(ids, states, strict=True) if st is None or st.decode() in TERMINAL
+    ]
+    if done:
+        conn.srem(active_key(tenant), *done)
+    return len(ids) - len(done)

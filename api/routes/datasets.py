@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
 from api.datasets import owned, page, save_dataset
-from api.deps import SettingsDep, StoreDep, TenantDep
+from api.deps import AllTenants, CallerDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import DatasetPublic, DatasetsPublic
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -97,14 +97,15 @@ async def upload_dataset(
 
 @router.get("", summary="List datasets, newest first")
 def list_datasets(
-    tenant: TenantDep,
+    caller: CallerDep,
     store: StoreDep,
     after: Annotated[
         str | None, Query(description="Cursor: the last id of the previous page.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    all_tenants: AllTenants = False,
 ) -> DatasetsPublic:
-    items, more = page(store.list("dataset", tenant=tenant), after, limit)
+    items, more = page(store.list("dataset", tenant=caller.scope(all_tenants)), after, limit)
     data = [DatasetPublic.from_manifest(m) for m in items]
     return DatasetsPublic(data=data, has_more=more, next_cursor=data[-1].id if more else None)
 

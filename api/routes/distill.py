@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse
 
 from api.datasets import save_dataset
 from api.deps import RedisDep, StoreDep, TenantDep
-from api.routes.jobs import job_public
+from api.routes.jobs import check_capacity, job_public
 from api.schemas import DistillRequest, DistillResponse
 from service.specs import DistillSpec
 from workers import records
+from workers.outputs import check_api_refs
 from workers.submit import submit
 
 router = APIRouter(tags=["distill"])
@@ -43,6 +44,8 @@ async def distill_rows(
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="Seconds to wait.")] = 30.0,
 ) -> JSONResponse:
     options = body.model_dump(exclude={"rows"})
+    check_api_refs(store, tenant, options)
+    await run_in_threadpool(check_capacity, conn, tenant)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in body.rows).encode()
     manifest = await run_in_threadpool(save_dataset, store, tenant, data, "distill-request.jsonl")
     spec = DistillSpec(dataset=manifest["id"], **options)

@@ -13,10 +13,10 @@ from typing import Annotated
 
 import redis
 import redis.asyncio as aredis
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
-from api.deps import ARedisDep, RedisDep, StoreDep, TenantDep
+from api.deps import AllTenants, ARedisDep, CallerDep, RedisDep, StoreDep, TenantDep
 from api.schemas import (
     EventPublic,
     EventsPublic,
@@ -27,8 +27,10 @@ from api.schemas import (
     to_spec,
 )
 from service.errors import DistilleryError
+from service.settings import get_settings
 from service.store import ArtifactStore, NotFound
 from workers import records
+from workers.outputs import check_api_refs
 from workers.submit import body_hash, cancel, reserve_idempotency_key, submit
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -56,12 +58,28 @@ def job_public(conn: redis.Redis, rec: dict) -> JobPublic:
     return JobPublic.from_record(rec, children)
 
 
+def check_capacity(conn: redis.Redis, tenant: str) -> None:
+    """429 with Retry-After when the tenant already has DISTILLERY_MAX_ACTIVE_JOBS
+    unfinished jobs."""
+    settings = get_settings()
+    active = records.count_active(conn, tenant)
+    if active >= settings.max_active_jobs:
+        raise HTTPException(
+            429,
+            f"{active} unfinished jobs: the limit is {settings.max_active_jobs} per tenant "
+            "(DISTILLERY_MAX_ACTIVE_JOBS); retry when some have finished",
+            {"Retry-After": str(settings.retry_after)},
+        )
+
+
 def create_job(
     conn: redis.Redis, store: ArtifactStore, tenant: str, body, idempotency_key: str | None
 ) -> tuple[dict, bool]:
     """(record, created): one Idempotency-Key and body always give the same job."""
     job_type, spec = to_spec(body)
+    check_api_refs(store, tenant, spec.model_dump(mode="json"))
     if not idempotency_key:
+        check_capacity(conn, tenant)
         return submit(conn, store, tenant, job_type, spec), True
     job_id, is_new = reserve_idempotency_key(
         conn, tenant, idempotency_key, body_hash(job_type, spec)
@@ -70,10 +88,20 @@ def create_job(
         rec = records.get(conn, job_id)
         if rec is not None:
             return rec, False
+    check_capacity(conn, tenant)  # a replay is answered above, whatever the queue holds
     return submit(conn, store, tenant, job_type, spec, job_id=job_id), True
 
 
-@router.post("", status_code=202, summary="Submit a job")
+@router.post(
+    "",
+    status_code=202,
+    summary="Submit a job",
+    responses={
+        409: {"description": "Idempotency-Key reused with another body"},
+        422: {"description": "Invalid spec or reference"},
+        429: {"description": "Too many unfinished jobs; see Retry-After"},
+    },
+)
 def post_job(
     body: Annotated[JobCreate, Body()],
     response: Response,
@@ -93,17 +121,18 @@ def post_job(
 
 @router.get("", summary="List jobs, newest first")
 def list_jobs(
-    tenant: TenantDep,
+    caller: CallerDep,
     conn: RedisDep,
     after: Annotated[
         str | None, Query(description="Cursor: the last id of the previous page.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     status: JobStatus | None = None,
-    type: str | None = None,
+    type: Annotated[str | None, Query(max_length=32)] = None,
+    all_tenants: AllTenants = False,
 ) -> JobsPublic:
     items, more = records.list_jobs(
-        conn, tenant, after=after, limit=limit, status=status, type=type
+        conn, caller.scope(all_tenants), after=after, limit=limit, status=status, type=type
     )
     data = [job_public(conn, r) for r in items]
     return JobsPublic(data=data, has_more=more, next_cursor=data[-1].id if more and data else None)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.datasets import owned, page
-from api.deps import StoreDep, TenantDep
+from api.deps import AllTenants, CallerDep, StoreDep, TenantDep
 from api.schemas import ModelPublic, ModelsPublic
 from workers.outputs import lineage
 
@@ -16,14 +16,15 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", summary="List models, newest first")
 def list_models(
-    tenant: TenantDep,
+    caller: CallerDep,
     store: StoreDep,
     after: Annotated[
         str | None, Query(description="Cursor: the last id of the previous page.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    all_tenants: AllTenants = False,
 ) -> ModelsPublic:
-    items, more = page(store.list("model", tenant=tenant), after, limit)
+    items, more = page(store.list("model", tenant=caller.scope(all_tenants)), after, limit)
     data = [ModelPublic.from_manifest(m) for m in items]
     return ModelsPublic(data=data, has_more=more, next_cursor=data[-1].id if more else None)
 
