@@ -1,7 +1,8 @@
 """Crash recovery with real processes killed by signals: a trainer worker SIGKILLed
 mid-finetune (the job resumes from its checkpoint and ends with the weights and loss log
 of an uninterrupted run), Redis restarted mid-job, the API SIGKILLed and restarted, and a
-job whose worker dies with no retries left (it ends `failed`, never hangs `running`)."""
+job whose worker dies with no retries left (it ends `failed`, never hangs `running`), and
+jobs whose model is broken (they end `failed` with the error after one attempt)."""
 
 from __future__ import annotations
 
@@ -300,3 +301,44 @@ def test_the_api_killed_and_restarted_loses_nothing(
             assert [j["id"] for j in c.get("/v1/jobs").json()["data"]] == [job["id"]]
     finally:
         stop_process(api)
+
+
+def test_jobs_that_fail_for_good_end_failed_with_the_error(
+    api, workers, session_home, tiny_llama, tenant_key, tmp_path
+):
+    """A model directory whose weights are not a model gets past import (it has a config
+    and a weights file) and fails in the worker: the job ends `failed` with the loader's
+    error after one attempt, and the worker takes the next job."""
+    import shutil
+
+    from service.store import ArtifactStore
+    from workers.outputs import import_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00not safetensors" * 64)
+    model = import_model(ArtifactStore(session_home), tenant_key[0], broken)["id"]
+    body = "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS[:2])
+    ds = api.post("/v1/datasets", content=body, headers={"Content-Type": "application/x-ndjson"})
+    ds = ds.json()["id"]
+
+    def run(spec: dict) -> dict:
+        job = api.post("/v1/jobs", json=spec)
+        assert job.status_code == 202, job.text
+        return wait_for(
+            lambda: (j := api.get(f"/v1/jobs/{job.json()['id']}").json())["status"]
+            in ("succeeded", "failed", "cancelled") and j,
+            240, 0.3, "the job",
+        )  # fmt: skip
+
+    for spec in (
+        {"type": "distill", "teacher": model, "dataset": ds, "max_new_tokens": 4},
+        {"type": "finetune", "model": model, "dataset": ds, "epochs": 1},
+    ):
+        done = run(spec)
+        assert done["status"] == "failed" and done["attempts"] == 1, done
+        assert done["error"]["code"] == "invalid_model", done["error"]
+        assert "cannot load model" in done["error"]["message"]
+    good = import_model(ArtifactStore(session_home), tenant_key[0], tiny_llama)["id"]
+    done = run({"type": "distill", "teacher": good, "dataset": ds, "max_new_tokens": 4})
+    assert done["status"] == "succeeded", done["error"]
