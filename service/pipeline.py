@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from service.errors import SpecError
+from service.evaluate import retention
 from service.progress import Reporter
 from service.specs import DistillSpec, EvaluateSpec, FinetuneSpec, PipelineSpec, PruneSpec
 
@@ -40,6 +41,7 @@ def step_specs(spec: PipelineSpec, out: Path) -> dict:
             max_new_tokens=spec.max_new_tokens,
             engine=spec.engine,
             seed=spec.seed,
+            shards=spec.shards,
         ),
         "finetune": FinetuneSpec(
             model=str(pruned),
@@ -68,17 +70,6 @@ def step_specs(spec: PipelineSpec, out: Path) -> dict:
             )
         },
     }
-
-
-def retention(model_eval: dict, baseline_eval: dict) -> dict:
-    """Per-task model acc / baseline acc, and their mean (tasks with baseline acc 0 are skipped)."""
-    per_task = {}
-    for task, res in model_eval["tasks"].items():
-        base = baseline_eval["tasks"].get(task, {}).get("acc")
-        if base:
-            per_task[task] = res["acc"] / base
-    mean = sum(per_task.values()) / len(per_task) if per_task else None
-    return {"tasks": per_task, "mean": mean}
 
 
 def _load_or(path: Path, make) -> dict:
@@ -169,7 +160,7 @@ def build_summary(
                 "tasks": {t: r["acc"] for t, r in e["tasks"].items()},
                 "stderr": {t: r.get("acc_stderr") for t, r in e["tasks"].items()},
                 "average": e.get("average"),
-                "retention": retention(e, evals["baseline"])["mean"],
+                "retention": retention(e["tasks"], evals["baseline"]["tasks"])["mean"],
             }
             for name, e in evals.items()
         },

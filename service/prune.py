@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from service.blocks import choose_blocks, drop_blocks, score_blocks
+from service.blocks import BlockScores, choose_blocks, drop_blocks, score_blocks
 from service.datasets import Row, load_rows
 from service.errors import SpecError
 from service.models import load_model, resolve_model
 from service.progress import Reporter
 from service.specs import PruneSpec
+from service.train_data import conversation
 
 REPORT_NAME = "prune_report.json"
 
@@ -43,12 +44,9 @@ def pick_rows(rows: list[Row], samples: int, seed: int) -> list[Row]:
 
 def render_row(row: Row, tokenizer) -> str:
     """A row as the model sees it in chat: user prompt and assistant response."""
-    messages = [{"role": "system", "content": row.system}] if row.system else []
-    messages += [{"role": r, "content": c} for r, c in row.history]
-    messages += [
-        {"role": "user", "content": row.prompt},
-        {"role": "assistant", "content": row.response},
-    ]
+    # The messages are the fine-tuning ones; the text differs only for a model without a
+    # chat template (plain turns here, Alpaca-style prompt + EOS in train_data.render).
+    messages = [*conversation(row), {"role": "assistant", "content": row.response}]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False)
     return "\n\n".join(m["content"] for m in messages)
@@ -119,23 +117,17 @@ def _save_atomically(model, tokenizer, report: dict, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_prune(spec: PruneSpec, out: Path, reporter: Reporter | None = None) -> dict:
-    """Score, choose, drop, save. Returns (and writes) the prune report."""
+def score_calibration(
+    spec: PruneSpec, model, tokenizer, reporter: Reporter | None = None
+) -> BlockScores:
+    """Run the calibration rows of ``spec`` through ``model`` and collect per-block scores
+    (every metric and block count is chosen from these, so one pass serves many prunes)."""
     reporter = reporter or Reporter()
-    t0 = time.monotonic()
-    depth = _num_layers(spec.model)
-    if depth is not None:
-        _check_blocks(spec.blocks, depth)
     rows = pick_rows(load_rows(spec.calibration), spec.samples, spec.seed)
-    model, tokenizer = load_model(spec.model)
     depth = model.config.get_text_config().num_hidden_layers
-    _check_blocks(spec.blocks, depth)
     batches = calibration_batches(rows, tokenizer, spec.max_length, spec.batch_size)
     total = sum(len(b["input_ids"]) for b in batches)
-    reporter.event(
-        f"scoring {depth} blocks of {spec.model} on {total} rows ({spec.metric})",
-        rows=total,
-    )
+    reporter.event(f"scoring {depth} blocks of {spec.model} on {total} rows", rows=total)
     done = 0
 
     def on_batch(n: int) -> None:
@@ -145,7 +137,31 @@ def run_prune(spec: PruneSpec, out: Path, reporter: Reporter | None = None) -> d
         reporter.check()
 
     reporter.check()
-    scores = score_blocks(model, batches, on_batch=on_batch)
+    return score_blocks(model, batches, on_batch=on_batch)
+
+
+def run_prune(
+    spec: PruneSpec,
+    out: Path,
+    reporter: Reporter | None = None,
+    scores: BlockScores | None = None,
+) -> dict:
+    """Score, choose, drop, save. Returns (and writes) the prune report.
+
+    ``scores``: from an earlier ``score_calibration`` of the same model and calibration
+    spec (bench/recovery.py prunes several ways from one pass); None scores here."""
+    reporter = reporter or Reporter()
+    t0 = time.monotonic()
+    depth = _num_layers(spec.model)
+    if depth is not None:
+        _check_blocks(spec.blocks, depth)
+    if scores is None:
+        load_rows(spec.calibration)  # a bad calibration set fails before the model loads
+    model, tokenizer = load_model(spec.model)
+    depth = model.config.get_text_config().num_hidden_layers
+    _check_blocks(spec.blocks, depth)
+    if scores is None:
+        scores = score_calibration(spec, model, tokenizer, reporter)
     removed = choose_blocks(scores, spec.blocks, spec.metric)
     bi = scores.block_influence()
     if spec.metric == "angular":

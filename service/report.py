@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import DistilleryError
+from service.evaluate import retention
 from service.flops import DEFAULT_CONTEXT, compare_dir
 from service.report_render import Block, to_html, to_markdown
 
@@ -77,12 +78,8 @@ def _retention(model: dict, baseline: dict | None) -> tuple[dict, float | None]:
     if baseline is None:
         r = model.get("retention") or {}
         return r.get("tasks") or {}, r.get("mean")
-    per = {}
-    for task, rec in model["tasks"].items():
-        base = baseline["tasks"].get(task, {}).get("acc")
-        per[task] = rec["acc"] / base if rec.get("acc") is not None and base else None
-    kept = [v for v in per.values() if v is not None]
-    return per, (sum(kept) / len(kept) if kept else None)
+    r = retention(model["tasks"], baseline["tasks"])
+    return r["tasks"], r["mean"]
 
 
 def _flops(run_dir: Path, prune: dict | None) -> dict | None:

@@ -16,10 +16,10 @@ from conftest import SHARED_DATA
 
 from service.errors import CancelledError, DistilleryError
 from service.evaluate import resolve_data_dir, retention, run_evaluate
-from service.progress import Reporter
 from service.specs import TASKS, EvaluateSpec
 from service.tasks.configs import TASKS as TASK_CONFIGS
 from service.tasks.configs import data_files, task_name, write_task_configs
+from tests.recorder import Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,18 +85,6 @@ def sample_data(tmp_path_factory) -> Path:
                 rows = MC_ROWS
             _write_jsonl(root / rel, rows)
     return root
-
-
-class Recorder(Reporter):
-    def __init__(self, cancel_after: int | None = None):
-        self.calls: list[dict] = []
-        self.cancel_after = cancel_after
-
-    def progress(self, **fields):
-        self.calls.append(fields)
-
-    def cancelled(self) -> bool:
-        return self.cancel_after is not None and len(self.calls) >= self.cancel_after
 
 
 def load_tasks(tasks: list[str], data_dir: Path, folder: Path) -> dict:

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from service.errors import SpecError
-from service.pipeline import format_table, retention, run_pipeline
+from service.evaluate import retention
+from service.pipeline import format_table, run_pipeline
 from service.specs import PipelineSpec
 from service.synthetic import write_synthetic
 
@@ -64,6 +65,6 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_llama, synthetic, session
 def test_retention_arithmetic():
     model = {"tasks": {"a": {"acc": 0.3}, "b": {"acc": 0.5}}}
     base = {"tasks": {"a": {"acc": 0.6}, "b": {"acc": 0.5}}}
-    r = retention(model, base)
+    r = retention(model["tasks"], base["tasks"])
     assert r["tasks"] == {"a": pytest.approx(0.5), "b": pytest.approx(1.0)}
     assert r["mean"] == pytest.approx(0.75)

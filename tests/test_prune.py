@@ -18,22 +18,10 @@ from service.cli import main as cli_main
 from service.datasets import read_dataset
 from service.errors import CancelledError, SpecError
 from service.models import load_model
-from service.progress import Reporter
 from service.prune import REPORT_NAME, _save_atomically, calibration_batches, pick_rows, run_prune
 from service.specs import PruneSpec
 from tests.conftest import build_tiny_llama
-
-
-class Recorder(Reporter):
-    def __init__(self, cancel_after: int | None = None):
-        self.calls: list[dict] = []
-        self.cancel_after = cancel_after
-
-    def progress(self, **fields):
-        self.calls.append(fields)
-
-    def cancelled(self) -> bool:
-        return self.cancel_after is not None and len(self.calls) >= self.cancel_after
+from tests.recorder import Recorder
 
 
 def _layer_idx(model) -> list[int]:

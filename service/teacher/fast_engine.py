@@ -41,7 +41,7 @@ import logging
 import torch
 
 from service.teacher.base import Generation, GenParams, Request, TeacherEngine
-from service.teacher.hf_engine import eos_token_ids, render_prompt
+from service.teacher.hf_engine import eos_token_ids, render_prompt, seeded_draw
 from service.teacher.llama_forward import LlamaForward, unsupported_reason
 from service.teacher.slots import SlotRun
 
@@ -51,24 +51,12 @@ log = logging.getLogger(__name__)
 def pick_tokens(
     logits: torch.Tensor, params: GenParams, gens: list[torch.Generator] | None
 ) -> list[int]:
-    """Greedy argmax, or one draw per row from that row's generator after temperature and
-    nucleus top-p, computed as ``hf_engine.SeededSampler`` does: both engines draw the same
-    token from the same logits and seed. (Logits that differ in the last bits, from another
-    batch shape, can still move a draw that lands next to a boundary of the CDF.)"""
+    """Greedy argmax, or one draw per row from that row's generator (``seeded_draw``, as the
+    hf engine samples). (Logits that differ in the last bits, from another batch shape, can
+    still move a draw that lands next to a boundary of the CDF.)"""
     if params.temperature <= 0 or gens is None:
         return logits.argmax(-1).tolist()
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Drop a token once the mass before it already reaches top_p (keeps >= 1).
-        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    # Inverse-CDF draw, one uniform per row from that row's generator.
-    u = torch.cat([torch.rand(1, generator=g) for g in gens])
-    cdf = probs.cumsum(dim=-1)
-    chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    return chosen.clamp(max=probs.shape[-1] - 1).tolist()
+    return seeded_draw(logits, params.temperature, params.top_p, gens).tolist()
 
 
 class FastEngine(TeacherEngine):

@@ -50,10 +50,30 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def seeded_draw(
+    logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]
+) -> torch.Tensor:
+    """One token per row from that row's generator: temperature, then nucleus ``top_p`` as
+    in transformers' TopPLogitsWarper, then an inverse-CDF draw. Both CPU engines sample
+    here, so they draw the same token from the same logits and seed."""
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token once the mass before it already reaches top_p (keeps >= 1).
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    # Inverse-CDF draw, one uniform per row from that row's generator
+    # (torch.multinomial costs ~40 ms per row over a 49k vocabulary here).
+    u = torch.cat([torch.rand(1, generator=g) for g in gens])
+    cdf = probs.cumsum(dim=-1)
+    chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return chosen.clamp(max=probs.shape[-1] - 1)
+
+
 class SeededSampler:
-    """Logits processor: row ``b`` samples from its own generator (temperature, then
-    nucleus ``top_p`` as in transformers' TopPLogitsWarper) and returns scores whose
-    only finite entry is the chosen token, so greedy search picks it."""
+    """Logits processor: row ``b`` samples from its own generator (``seeded_draw``) and
+    returns scores whose only finite entry is the chosen token, so greedy search picks it."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -61,20 +81,7 @@ class SeededSampler:
         self.top_p = top_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            # Drop a token once the mass before it already reaches top_p (keeps >= 1).
-            drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= self.top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        # Inverse-CDF draw, one uniform per row from that row's generator
-        # (torch.multinomial costs ~40 ms per row over a 49k vocabulary here).
-        u = torch.cat([torch.rand(1, generator=g) for g in self.generators])
-        cdf = probs.cumsum(dim=-1)
-        draw = (u * cdf[:, -1]).unsqueeze(-1)
-        chosen = torch.searchsorted(cdf, draw, right=True).squeeze(-1)
-        chosen = chosen.clamp(max=probs.shape[-1] - 1)
+        chosen = seeded_draw(scores, self.temperature, self.top_p, self.generators)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(len(chosen)), chosen.to(out.device)] = 0.0
         return out
