@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import httpx
 
 from api.client import Client
+from service import main_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,34 +138,23 @@ def follow(client: Client, job_id: str, every: float = 2.0, report: float = 15.0
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default=os.environ.get("DISTILLERY_URL", "http://127.0.0.1:8000"))
-    ap.add_argument("--data-dir", default="../shared/data")
-    ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--rows", type=int, default=64, help="Alpaca rows to distill and train on")
-    ap.add_argument("--blocks", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--epochs", type=float, default=2)
-    ap.add_argument("--eval-limit", type=int, default=100)
-    ap.add_argument("--tasks", default="arc_easy,piqa")
+    main_job.add_options(ap)
     args = ap.parse_args(argv)
 
     data_dir = Path(args.data_dir)
-    alpaca = data_dir / "alpaca" / "alpaca_5000.json"
-    tasks = args.tasks.split(",")
     eval_data: Path | None = data_dir if data_dir.is_dir() else None
-    if not alpaca.is_file():
-        from service.settings import get_settings
-        from service.synthetic import write_synthetic
+    from service.settings import get_settings
 
-        eval_data = get_settings().home_dir() / "generated-data"
-        alpaca = write_synthetic(eval_data, rows=args.rows)
-        tasks = ["arith"]
+    alpaca, tasks, generated = main_job.dataset_and_tasks(
+        args, get_settings().home_dir() / "generated-data"
+    )
+    if generated:
+        eval_data = alpaca.parent
         log(f"{data_dir} has no Alpaca sample: using generated arithmetic data ({eval_data})")
     ensure_service(args.url, eval_data)
     with Client(args.url) as client:
         ds = upload_once(client, alpaca)
-        spec = {"model": args.model, "dataset": ds, "blocks": args.blocks, "samples": 128,
-                "limit": args.rows, "max_new_tokens": args.max_new_tokens,
-                "epochs": args.epochs, "tasks": tasks, "eval_limit": args.eval_limit}  # fmt: skip
+        spec = main_job.pipeline_fields(args, ds, tasks)
         job_id = submit_once(client, spec)
         job = follow(client, job_id)
     if job.status != "succeeded":

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.models import DEFAULT_MODEL
+from service import main_job
 from service.pipeline import print_table, run_pipeline
 from service.progress import ConsoleReporter
 from service.specs import PipelineSpec
@@ -24,47 +24,22 @@ from service.specs import PipelineSpec
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", default="../shared/data")
+    main_job.add_options(ap)
     ap.add_argument("--out", default="runs/main")
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--rows", type=int, default=64, help="Alpaca rows to distill and train on")
-    ap.add_argument("--blocks", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--epochs", type=float, default=2)
-    ap.add_argument("--eval-limit", type=int, default=100)
-    ap.add_argument("--tasks", default="arc_easy,piqa")
     ap.add_argument("--engine", default="auto", help="teacher engine for the distill step")
     args = ap.parse_args(argv)
 
-    data_dir = Path(args.data_dir)
     out = Path(args.out)
-    alpaca = data_dir / "alpaca" / "alpaca_5000.json"
-    tasks = args.tasks.split(",")
-    if alpaca.is_file():
-        dataset = str(alpaca)
-    else:
-        from service.synthetic import write_synthetic
-
-        data_dir = out / "generated-data"
-        dataset = str(write_synthetic(data_dir, rows=args.rows))
-        tasks = ["arith"]
+    data_dir = Path(args.data_dir)
+    dataset, tasks, generated = main_job.dataset_and_tasks(args, out / "generated-data")
+    if generated:
+        data_dir = dataset.parent
         print(
-            f"note: {alpaca} not found; using generated arithmetic data in {data_dir} "
-            "(rows and an arithmetic multiple-choice task) instead",
+            f"note: {args.data_dir} has no Alpaca sample; using generated arithmetic data in "
+            f"{data_dir} (rows and an arithmetic multiple-choice task) instead",
             file=sys.stderr,
         )
-    spec = PipelineSpec(
-        model=args.model,
-        dataset=dataset,
-        blocks=args.blocks,
-        samples=128,
-        limit=args.rows,
-        max_new_tokens=args.max_new_tokens,
-        epochs=args.epochs,
-        tasks=tasks,
-        eval_limit=args.eval_limit,
-        engine=args.engine,
-    )
+    spec = PipelineSpec(**main_job.pipeline_fields(args, str(dataset), tasks), engine=args.engine)
     summary = run_pipeline(spec, out, ConsoleReporter("main"), data_dir=data_dir)
     print_table(summary)
     print(f"\nrun folder: {out}")
