@@ -39,5 +39,4 @@ def create_app(redis_url: str | None = None) -> FastAPI:
     errors.install(app)
     for module in (datasets, jobs, distill, models, health):
         app.include_router(module.router)
-    # /metrics (Prometheus) is mounted here when it lands (its own issue).
     return app

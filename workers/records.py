@@ -24,6 +24,8 @@ from typing import Any
 
 import redis
 
+from workers import stats
+
 PREFIX = "distillery"
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -51,8 +53,10 @@ def _dumps(v: Any) -> str:
     return json.dumps(v, default=str, separators=(",", ":"))
 
 
-# KEYS: job hash, events stream. ARGV: allowed from-statuses (JSON list), new status,
-# event JSON data, maxlen, then field/value pairs to set. Returns 1 when it moved.
+# KEYS: job hash, events stream, job counts hash, running set (workers/stats.py).
+# ARGV: allowed from-statuses (JSON list), new status, event JSON data, maxlen, then
+# field/value pairs to set. Returns 1 when it moved. The counts move with the status in
+# the same script, so /metrics never sees a job in two statuses or in none.
 _TRANSITION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -60,6 +64,11 @@ local allowed = cjson.decode(ARGV[1])
 local ok = false
 for _, s in ipairs(allowed) do if s == cur then ok = true end end
 if not ok then return 0 end
+local typ = redis.call('HGET', KEYS[1], 'type') or ''
+redis.call('HINCRBY', KEYS[3], typ .. '|' .. cur, -1)
+redis.call('HINCRBY', KEYS[3], typ .. '|' .. ARGV[2], 1)
+if ARGV[2] == 'running' then redis.call('SADD', KEYS[4], KEYS[1])
+else redis.call('SREM', KEYS[4], KEYS[1]) end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'status', 'level', 'info',
@@ -107,6 +116,7 @@ def create(
     }
     p = pipe if pipe is not None else conn.pipeline()
     p.hset(job_key(job_id), mapping=doc)
+    p.hincrby(stats.JOBS_KEY, f"{type}|queued", 1)
     if not parent:
         p.zadd(index_key(tenant), {f"{created_us:017d}:{job_id}": 0})
         p.sadd(active_key(tenant), job_id)
@@ -183,7 +193,10 @@ def transition(
     args: list[str] = [_dumps(list(allowed)), to, _dumps(data or {}), str(EVENTS_MAXLEN)]
     for k, v in fields.items():
         args += [k, _dumps(v) if k in JSON_FIELDS else str(v)]
-    moved = conn.eval(_TRANSITION, 2, job_key(job_id), events_key(job_id), *args)
+    keys = (job_key(job_id), events_key(job_id), stats.JOBS_KEY, stats.RUNNING_KEY)
+    moved = conn.eval(_TRANSITION, len(keys), *keys, *args)
+    if moved == 1 and to in TERMINAL:
+        stats.job_finished(conn, job_key(job_id), to)
     return moved == 1
 
 

@@ -1,15 +1,17 @@
-"""/healthz (the process answers) and /readyz (Redis answers, each queue has a live worker).
-
-/metrics (Prometheus) belongs beside these; it comes with its own issue.
+"""/healthz (the process answers), /readyz (Redis answers, each queue has a live worker)
+and /metrics (Prometheus text format, read from Redis at scrape time: api/metrics.py).
+Like the other two, /metrics needs no key: it carries no tenant's data, only the
+service's totals; keep it off the public network (docs/deploy.md).
 """
 
 from __future__ import annotations
 
 import redis
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from rq import Queue, Worker
 
+from api import metrics as prom
 from api.deps import RedisDep
 from api.schemas import Readiness
 from workers.submit import QUEUES
@@ -45,3 +47,14 @@ def readiness(conn: redis.Redis) -> Readiness:
 def readyz(conn: RedisDep) -> JSONResponse:
     r = readiness(conn)
     return JSONResponse(r.model_dump(), status_code=200 if r.ready else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics: jobs, queues, workers, generated rows and tokens, durations",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+def metrics(conn: RedisDep) -> Response:
+    body, content_type = prom.render(conn)
+    return Response(body, media_type=content_type)
