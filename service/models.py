@@ -105,6 +105,24 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+# "hf:org/name" names a hub model and is never read as a local path; the API writes hub ids
+# so (workers/outputs.py), so a caller's "org/name" cannot reach a folder on a worker.
+HUB_PREFIX = "hf:"
+
+
+def _hub_snapshot(repo: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        )
+    except Exception as exc:  # offline, unknown repo, gated...
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else ""
+        raise ModelError(f"cannot fetch hub model {repo!r}{hint}: {exc}") from exc
+
+
 def resolve_model(ref: str, home: Path | None = None) -> Path:
     """Return a local directory for a model reference, converting builtins on first use."""
     from service.settings import get_settings
@@ -126,24 +144,15 @@ def resolve_model(ref: str, home: Path | None = None) -> Path:
     if is_artifact_id(ref):
         store = ArtifactStore.from_settings(home=home)
         return store.path("model", ref) / "model"
+    if ref.startswith(HUB_PREFIX):  # a hub id and never a local path (the API's form)
+        return _hub_snapshot(ref[len(HUB_PREFIX) :])
     p = Path(ref).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelError(f"{p} is not a Hugging Face model directory (no config.json)")
         return p
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(
-                snapshot_download(
-                    ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
-                )
-            )
-        except Exception as exc:  # offline, unknown repo, gated...
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            hint = " (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else ""
-            raise ModelError(f"cannot fetch hub model {ref!r}{hint}: {exc}") from exc
+        return _hub_snapshot(ref)
     raise ModelError(
         f"unknown model reference {ref!r}: not a builtin, a model id, a directory or a hub id"
     )

@@ -257,6 +257,23 @@ def test_api_references_are_ids_never_server_paths(api, tiny_llama, tiny_model, 
     for teacher in (tiny_model, "builtin:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M"):
         r = api.post("/v1/jobs", json={"type": "distill", "teacher": teacher, "dataset": ds})
         assert r.status_code == 202, r.text
+    # a hub id is queued as hf:org/name, which a worker never reads as a local folder
+    assert r.json()["spec"]["teacher"] == "hf:HuggingFaceTB/SmolLM2-135M"
+
+
+def test_a_hub_id_never_loads_a_folder_of_the_same_name(tmp_path, monkeypatch, tiny_llama):
+    import shutil
+
+    from service.errors import ModelError
+    from service.models import resolve_model
+
+    shutil.copytree(tiny_llama, tmp_path / "org" / "name")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = resolve_model("org/name", home=tmp_path / "home")  # the CLI's local path
+    assert local.resolve() == tmp_path / "org" / "name"
+    with pytest.raises(ModelError, match="cannot fetch hub model 'org/name'"):
+        resolve_model("hf:org/name", home=tmp_path / "home")
 
 
 def test_unknown_models_and_blocks_beyond_the_depth(api, api_url, redis_conn, tiny_model):

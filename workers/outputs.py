@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from service.errors import SpecError
+from service.models import HUB_PREFIX
 from service.store import ArtifactStore, NotFound, is_artifact_id, new_id
 from workers import records
 
@@ -83,6 +84,8 @@ def check_model_ref(field: str, ref: str) -> None:
 
     if ref.startswith("job_"):
         return
+    if ref.startswith(HUB_PREFIX):
+        return  # fetched by the worker (when the machine is online)
     if ref.startswith("builtin:"):
         if ref.split(":", 1)[1] not in BUILTINS:
             raise SpecError(f"{field}: unknown builtin model {ref!r}; known: {sorted(BUILTINS)}")
@@ -109,30 +112,37 @@ def check_refs(store: ArtifactStore, tenant: str, spec: dict) -> None:
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
-def check_api_refs(store: ArtifactStore, tenant: str, spec: dict) -> None:
+def check_api_refs(store: ArtifactStore, tenant: str, spec: dict) -> dict:
     """References an API caller may use: ids of its own datasets, models and jobs,
     builtin names and hub ids. Never a path on the server (the CLI, running on the
     caller's own machine, keeps local paths). Then the checks every submission gets
-    (``check_refs``) and, where the model's depth is known, ``blocks`` below it."""
+    (``check_refs``) and, where the model's depth is known, ``blocks`` below it.
+
+    Returns the spec to queue: hub ids written ``hf:org/name``, which a worker fetches
+    from the hub and never reads as a folder relative to its working directory."""
+    spec = dict(spec)
     for field, value in spec.items():
         if field not in DATASET_FIELDS and field not in MODEL_FIELDS:
             continue
         if field == "teacher" and spec.get("engine") == "openai":
             continue  # a model name on a remote server
-        for ref in value if isinstance(value, list) else [value]:
-            if isinstance(ref, str):
-                check_api_ref(field, ref)
+        refs = value if isinstance(value, list) else [value]
+        refs = [check_api_ref(field, r) if isinstance(r, str) else r for r in refs]
+        spec[field] = refs if isinstance(value, list) else refs[0]
     check_refs(store, tenant, spec)
     check_depth(store, spec)
+    return spec
 
 
-def check_api_ref(field: str, ref: str) -> None:
+def check_api_ref(field: str, ref: str) -> str:
+    """The reference as it will be queued; SpecError for anything else."""
     if is_artifact_id(ref) or re.fullmatch(r"job_[0-9a-f]{16,32}", ref):
-        return
+        return ref
     if ref.startswith("builtin:") and field not in DATASET_FIELDS:
-        return  # check_refs checks the name
-    if field not in DATASET_FIELDS and HUB_ID_RE.match(ref) and ".." not in ref:
-        return
+        return ref  # check_refs checks the name
+    hub = ref.removeprefix(HUB_PREFIX)
+    if field not in DATASET_FIELDS and HUB_ID_RE.match(hub) and ".." not in hub:
+        return HUB_PREFIX + hub
     if field in DATASET_FIELDS:
         what = "a dataset id (ds_...)"
         how = "upload the rows (POST /v1/datasets) and name the dataset id"

@@ -43,8 +43,7 @@ async def distill_rows(
     store: StoreDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="Seconds to wait.")] = 30.0,
 ) -> JSONResponse:
-    options = body.model_dump(exclude={"rows"})
-    check_api_refs(store, tenant, options)
+    options = check_api_refs(store, tenant, body.model_dump(exclude={"rows"}))
     await run_in_threadpool(check_capacity, conn, tenant)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in body.rows).encode()
     manifest = await run_in_threadpool(save_dataset, store, tenant, data, "distill-request.jsonl")

@@ -77,7 +77,7 @@ def create_job(
 ) -> tuple[dict, bool]:
     """(record, created): one Idempotency-Key and body always give the same job."""
     job_type, spec = to_spec(body)
-    check_api_refs(store, tenant, spec.model_dump(mode="json"))
+    spec = type(spec).model_validate(check_api_refs(store, tenant, spec.model_dump(mode="json")))
     if not idempotency_key:
         check_capacity(conn, tenant)
         return submit(conn, store, tenant, job_type, spec), True
