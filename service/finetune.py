@@ -12,6 +12,17 @@ interrupted) the recipe writes ``<out>.ckpt``, one self-describing file (adapter
 optimizer, scheduler, RNG state, step, epoch and position, spec, loss log) in the
 manner of nanoGPT; ``--resume`` continues from it to the same weights and loss log an
 uninterrupted run gives. ``<out>/train_log.json`` holds the loss per step.
+
+Data parallel across the GPUs of one machine (or CPU processes, gloo) under torchrun::
+
+    torchrun --standalone --nproc-per-node 4 -m service.cli finetune --model pruned/ \
+        --dataset distilled.jsonl --out recovered/
+
+Every rank plans the same steps; each takes its share of every step's examples, the
+gradients are summed across ranks once per step (``service/distributed.py``), so the
+result equals a single-process run of the same batch size (up to float rounding; with
+``lora_dropout`` > 0 the dropout masks differ). Rank 0 alone writes checkpoints and the
+output and reports progress; it decides cancellation for all ranks.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from service import distributed
 from service.datasets import load_rows
 from service.errors import CancelledError, DatasetError, DistilleryError, SpecError
 from service.models import load_model
@@ -71,6 +83,7 @@ class FinetuneRecipe:
         self.resumed_from: int | None = None
         self._updating = False  # inside optimizer.step(): an interrupt leaves no clean state
         self._boundary_rng: torch.Tensor | None = None
+        self.rank, self.world = 0, 1  # torchrun: set in setup()
 
     # -- setup --------------------------------------------------------------------
 
@@ -79,6 +92,9 @@ class FinetuneRecipe:
         from transformers import get_cosine_schedule_with_warmup
 
         spec = self.spec
+        self.rank, self.world = distributed.setup()
+        if self.rank != 0:
+            self.reporter = Reporter()  # progress and events come from rank 0 only
         if (
             self.out.exists()
             and any(self.out.iterdir())
@@ -127,6 +143,8 @@ class FinetuneRecipe:
         self.model.train()
         self.device = next(self.model.parameters()).device
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.world > 1:
+            distributed.broadcast_(self.params.values())
         # AdamW without weight decay (HF Trainer and LLaMA-Factory default).
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=spec.lr, weight_decay=0.0)
         warmup = math.ceil(spec.warmup_ratio * self.steps_total)  # as HF's get_warmup_steps
@@ -173,7 +191,7 @@ class FinetuneRecipe:
         try:
             while self.step < self.steps_total:
                 self._boundary_rng = torch.get_rng_state()
-                self.reporter.check()
+                self.check()
                 self.train_step()
                 if self.step % self.spec.checkpoint_every == 0 or self.step == self.steps_total:
                     self.save_checkpoint()
@@ -181,25 +199,52 @@ class FinetuneRecipe:
             # Parameters and optimiser are still those of the last completed step
             # unless the interrupt hit optimizer.step(); the RNG is rewound to that
             # step's end, so the saved state is exactly a step-boundary state.
-            if self.step > 0 and not self._updating and self._boundary_rng is not None:
+            if (
+                self.rank == 0
+                and self.step > 0
+                and not self._updating
+                and self._boundary_rng is not None
+            ):
                 self.save_checkpoint(rng=self._boundary_rng)
                 self.reporter.event(f"stopped at step {self.step}; checkpoint {self.ckpt}")
             raise
 
+    def check(self) -> None:
+        """Raise when the job is cancelled or out of time: on rank 0 the reporter says so,
+        and every rank hears it in the same step (else the others would wait forever in
+        the next all-reduce)."""
+        if self.world == 1:
+            self.reporter.check()
+            return
+        stop: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self.reporter.check()
+            except (CancelledError, DistilleryError) as exc:
+                stop = exc
+        if distributed.agree(stop is not None, self.device):
+            raise stop if stop is not None else CancelledError("stopped by rank 0")
+
     def train_step(self) -> None:
         start = time.perf_counter()
         batch_ids = self.step_batch(self.step)
+        # This rank's share: every world-th example of the step in length order, so the
+        # shares carry similar token counts.
+        ordered = sorted(batch_ids, key=lambda i: -self.lengths[i])
+        mine = ordered[self.rank :: self.world]
         examples = [self.examples[i] for i in batch_ids]
         n_targets = sum(len(ex.ids) - ex.prompt_len for ex in examples)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss = 0.0
-        for micro in micro_batches(batch_ids, self.lengths, self.spec.micro_batch_size):
+        for micro in micro_batches(mine, self.lengths, self.spec.micro_batch_size):
             batch = collate([self.examples[i] for i in micro], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             part = self.response_loss(batch, n_targets)
             part.backward()
             loss += part.item()
+        if self.world > 1:
+            loss = distributed.sum_gradients(list(self.params.values()), loss)
         if not math.isfinite(loss):
             raise DistilleryError(f"loss is {loss} at step {self.step + 1}; try a lower --lr")
         tokens = sum(len(ex.ids) for ex in examples)
@@ -227,7 +272,10 @@ class FinetuneRecipe:
     # -- checkpoints -----------------------------------------------------------------
 
     def save_checkpoint(self, rng: torch.Tensor | None = None) -> None:
-        """Write everything a resumed run needs into one file, atomically."""
+        """Write everything a resumed run needs into one file, atomically (rank 0; the
+        other ranks hold the same state)."""
+        if self.rank != 0:
+            return
         epoch, position = divmod(self.step, self.steps_per_epoch)
         state = {
             "version": CHECKPOINT_VERSION,
@@ -289,7 +337,10 @@ class FinetuneRecipe:
     # -- output ------------------------------------------------------------------------
 
     def save_model(self) -> dict[str, Any]:
-        """Merge the adapter, write model + tokenizer + train_log.json to ``out`` atomically."""
+        """Merge the adapter, write model + tokenizer + train_log.json to ``out`` atomically.
+        Under torchrun only rank 0 writes; the others return their rank and step."""
+        if self.rank != 0:
+            return {"rank": self.rank, "world_size": self.world, "steps": self.step}
         merged = self.model.merge_and_unload()
         merged.eval()
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +358,7 @@ class FinetuneRecipe:
             "rows": self.n_rows,  # rows read; rows - skipped_rows were trained on
             "skipped_rows": len(self.skipped),
             "skipped_row_numbers": self.skipped,
+            "world_size": self.world,
         }
         (tmp / "train_log.json").write_text(json.dumps(summary, indent=1))
         if self.out.exists():
@@ -326,7 +378,10 @@ class FinetuneRecipe:
         return result
 
     def cleanup(self) -> None:
-        self.ckpt.unlink(missing_ok=True)
+        distributed.barrier()  # rank 0 has written the output before anyone leaves
+        if self.rank == 0:
+            self.ckpt.unlink(missing_ok=True)
+        distributed.teardown()
 
 
 def run_finetune(

@@ -1,0 +1,65 @@
+"""Data-parallel fine-tuning under torchrun with 2 gloo processes on CPU, on the tiny
+Llama: the run finishes and its loss log and weights match a single-process run of the
+same effective batch. 7 rows in batches of 3 give steps of 3, 3 and 1 examples, so the
+ranks' shares are uneven and in the last step rank 1 has none.
+
+    .venv/bin/python -m pytest -q tests/test_finetune_ddp.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from service.finetune import run_finetune
+from service.specs import FinetuneSpec
+from tests.conftest import ALPACA_ROWS
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = {"batch_size": 3, "micro_batch_size": 1, "epochs": 1, "lr": 1e-3, "lora_dropout": 0.0}
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tmp_path, tiny_llama):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ALPACA_ROWS[:7]))
+    spec = FinetuneSpec(model=str(tiny_llama), dataset=str(data), **OPTIONS)
+    single = run_finetune(spec, tmp_path / "single")
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in OPTIONS.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", "2", "-m", "service.cli", "finetune",
+           "--model", str(tiny_llama), "--dataset", str(data),
+           "--out", str(tmp_path / "ddp"), *flags]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", DISTILLERY_THREADS="1", DISTILLERY_DEVICE="cpu")
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    log = json.loads((tmp_path / "ddp" / "train_log.json").read_text())
+    assert log["world_size"] == 2 and single["world_size"] == 1
+    ref = json.loads((tmp_path / "single" / "train_log.json").read_text())
+    assert [s["step"] for s in log["steps"]] == [1, 2, 3]
+    # The logged loss is the sum over ranks of each one's share: equal to the single
+    # process's only if both ranks' shares were counted.
+    for a, b in zip(log["steps"], ref["steps"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]
+
+    base, one, two = weights(tiny_llama), weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert one.keys() == two.keys()
+    moved = max((one[k] - base[k]).abs().max().item() for k in one if k in base)
+    assert moved > 1e-4  # training changed the weights, so the comparison means something
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "ddp.ckpt").exists()  # rank 0 cleaned up its checkpoint
