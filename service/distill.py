@@ -17,6 +17,14 @@ only on the dataset and the spec, never on what is already done, so a resumed ru
 generates exactly the batches an uninterrupted one would: greedy rewrites are identical.
 Sampled rows use seed ``row_seed(spec.seed, index)``, independent of batching.
 
+Shards: the service splits a large job into contiguous row ranges
+(``shard_bounds``), each distilled by ``run_distill`` with a
+:class:`~service.specs.DistillShardSpec` into a file of its own (and a partial of its
+own, so a shard resumes like a whole job); ``gather_shards`` concatenates them in shard
+order, which is input order. Batches are planned within a shard; with greedy decoding the
+rows do not depend on that (every engine's batched greedy output equals its one-at-a-time
+output, ``tests/test_distill.py``, ``tests/test_engines.py``).
+
 Resume: finished rows go to ``OUT.partial`` (a header line, then one JSON line per row
 with its input index), flushed and fsynced after each batch. A rerun of the same command
 reads it back (a torn last line is dropped), skips finished rows, and at the end writes
@@ -41,7 +49,7 @@ from typing import IO
 from service.datasets import Row, dataset_path, read_dataset, write_jsonl
 from service.errors import DistilleryError, SpecError
 from service.progress import Reporter
-from service.specs import DistillSpec
+from service.specs import DistillShardSpec, DistillSpec
 from service.teacher.base import GenParams, TeacherEngine, make_engine
 from service.templates import build_request, judge
 
@@ -49,12 +57,14 @@ __all__ = [
     "Finished",
     "build_request",
     "distill_pairs",
+    "gather_shards",
     "judge",
     "output_row",
     "plan_batches",
     "read_partial",
     "row_seed",
     "run_distill",
+    "shard_bounds",
 ]
 
 PARTIAL_SUFFIX = ".partial"
@@ -144,6 +154,12 @@ def distill_pairs(
             kept = output_row(row, *judge(row, spec.template, gen), rewrite=gen.text)
             finished.append(Finished(index, kept, gen.tokens))
         yield finished
+
+
+def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous ``[lo, hi)`` row ranges covering ``rows`` rows in order,
+    sizes differing by at most one (some are empty when shards > rows)."""
+    return [(k * rows // shards, (k + 1) * rows // shards) for k in range(shards)]
 
 
 def job_header(spec: DistillSpec, dataset_sha256: str, engine_name: str, rows: int) -> dict:
@@ -254,6 +270,9 @@ def run_distill(
     out.parent.mkdir(parents=True, exist_ok=True)
     source = dataset_path(spec.dataset)
     rows = read_dataset(source, limit=spec.limit)
+    lo, hi = 0, len(rows)
+    if isinstance(spec, DistillShardSpec):
+        lo, hi = shard_bounds(len(rows), spec.shards)[spec.shard]
     dataset_sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
     own_engine = engine is None
     if engine is None:
@@ -264,12 +283,12 @@ def run_distill(
         finished = read_partial(partial, header)
         resumed = len(finished)
         if finished:
-            reporter.event(f"resuming: {len(finished)} of {len(rows)} rows already done")
+            reporter.event(f"resuming: {len(finished)} of {hi - lo} rows already done")
         start = time.monotonic()
         new_tokens = 0
         with partial.open("a", encoding="utf-8") as fh:
-            reporter.progress(rows_done=len(finished), rows_total=len(rows), tokens_per_s=0.0)
-            pairs = list(enumerate(rows))
+            reporter.progress(rows_done=len(finished), rows_total=hi - lo, tokens_per_s=0.0)
+            pairs = list(enumerate(rows))[lo:hi]
             for batch in distill_pairs(pairs, engine, spec, set(finished), reporter):
                 append_finished(fh, batch)
                 finished.update((item.index, item) for item in batch)
@@ -277,14 +296,18 @@ def run_distill(
                 elapsed = time.monotonic() - start
                 reporter.progress(
                     rows_done=len(finished),
-                    rows_total=len(rows),
+                    rows_total=hi - lo,
                     tokens_per_s=round(new_tokens / elapsed, 1) if elapsed > 0 else 0.0,
                 )
-        ordered = [finished[i] for i in range(len(rows))]
+        ordered = [finished[i] for i in range(lo, hi)]
         write_jsonl(out, (item.row for item in ordered))
         partial.unlink()
         summary = summarise(ordered, engine.name, time.monotonic() - start, new_tokens)
-        summary.update(seconds=round(time.monotonic() - t0, 2), resumed_rows=resumed)
+        summary.update(
+            seconds=round(time.monotonic() - t0, 2), resumed_rows=resumed, new_tokens=new_tokens
+        )
+        if isinstance(spec, DistillShardSpec):
+            summary.update(shard=spec.shard, shards=spec.shards, row_range=[lo, hi])
     finally:
         if own_engine:
             engine.close()
@@ -294,3 +317,45 @@ def run_distill(
         f"({summary['tokens_per_s']} tokens/s)"
     )
     return summary
+
+
+def gather_shards(parts: list[Path], summaries: list[dict], out: Path, seconds: float) -> dict:
+    """Concatenate the shards' outputs, in shard order (= input order), into ``out``
+    (atomically) and return the job's summary: counts summed over the shards, speed as
+    the new tokens over ``seconds`` (the job's wall time, first shard to gather), and one
+    entry per shard."""
+    if len(parts) != len(summaries):
+        raise DistilleryError(f"{len(parts)} shard files for {len(summaries)} shard summaries")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("wb") as fh:
+        for k, (part, summary) in enumerate(zip(parts, summaries, strict=True)):
+            data = Path(part).read_bytes()
+            lines = data.count(b"\n")
+            if lines != summary["rows"]:
+                raise DistilleryError(
+                    f"shard {k}: {part} holds {lines} rows, its summary says {summary['rows']}"
+                )
+            fh.write(data)
+    tmp.replace(out)
+    rows = sum(s["rows"] for s in summaries)
+    distilled = sum(s["distilled"] for s in summaries)
+    reasons: Counter[str] = Counter()
+    for s in summaries:
+        reasons.update(s["reasons"])
+    new_tokens = sum(s.get("new_tokens", 0) for s in summaries)
+    keep = ("shard", "row_range", "rows", "seconds", "tokens_per_s", "resumed_rows", "worker")
+    return {
+        "rows": rows,
+        "distilled": distilled,
+        "distilled_fraction": round(distilled / rows, 4) if rows else 0.0,
+        "reasons": dict(sorted(reasons.items())),
+        "generated_tokens": sum(s["generated_tokens"] for s in summaries),
+        "new_tokens": new_tokens,
+        "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else 0.0,
+        "seconds": round(seconds, 2),
+        "engine": summaries[0]["engine"] if summaries else "",
+        "resumed_rows": sum(s.get("resumed_rows", 0) for s in summaries),
+        "shards": [{k: s[k] for k in keep if k in s} for s in summaries],
+        "out": str(out),
+    }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.models import DEFAULT_MODEL
 
@@ -61,6 +61,35 @@ class DistillSpec(Spec):
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Sampling seed (sampling is reproducible per row)."
     )
+    shards: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Through the service: split the job into this many shards, each a job "
+        "on the teacher queue that any teacher worker takes, and a gather step that writes "
+        "the rows in input order. Unset: one shard per shard_rows rows. A local run "
+        "(distillery distill) is one shard.",
+    )
+    shard_rows: int = Field(
+        512,
+        ge=1,
+        le=10_000_000,
+        description="With shards unset, rows per shard: a job of more rows is split.",
+    )
+
+
+class DistillShardSpec(DistillSpec):
+    """One shard of a sharded distill job: the rows ``shard_bounds(rows, shards)[shard]``.
+    Made by the service when it splits a job, never submitted by a caller."""
+
+    shards: int = Field(ge=1, le=1024)
+    shard: int = Field(ge=0, lt=1024, description="This shard's position, from 0.")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> DistillShardSpec:
+        if self.shard >= self.shards:
+            raise ValueError(f"shard {self.shard} of {self.shards}")
+        return self
 
 
 class FinetuneSpec(Spec):
@@ -184,6 +213,12 @@ class PipelineSpec(Spec):
         "the pruned and recovered models (0: skip).",
     )
     agreement_max_new_tokens: int = Field(32, ge=1, le=4096)
+    shards: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Shards of the distill step on the teacher queue (unset: one per 512 rows).",
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
