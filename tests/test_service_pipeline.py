@@ -1,5 +1,7 @@
 """A pipeline job through the API: one job to the caller, its steps run as RQ
-dependencies on the teacher and train workers, and the summary table at the end."""
+dependencies on the teacher and train workers, and the summary table at the end. Its
+distill step is split into 2 shards (``workers/shards.py``) and gathered before the
+finetune step starts; cancelling the pipeline cancels them too."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def upload_rows(api, eval_data) -> str:
 def pipeline_body(tiny_model, ds) -> dict:
     return {"type": "pipeline", "model": tiny_model, "dataset": ds, "blocks": 2,
             "samples": 8, "limit": 8, "max_new_tokens": 8, "epochs": 1, "tasks": ["arith"],
-            "eval_limit": 10, "agreement_prompts": 2, "agreement_max_new_tokens": 4}  # fmt: skip
+            "eval_limit": 10, "agreement_prompts": 2, "agreement_max_new_tokens": 4,
+            "shards": 2}  # fmt: skip
 
 
 def wait_job(api, job_id, timeout) -> dict:
@@ -67,6 +70,14 @@ def test_pipeline_job(api, workers, tiny_model, eval_data):
     assert recovered["info"]["num_hidden_layers"] == 4
     distilled = api.get(f"/v1/datasets/{arts['distilled']}").json()
     assert distilled["rows"] == 8
+    step = next(c for c in done["children"] if c["step"] == "distill")
+    distill = api.get(f"/v1/jobs/{step['id']}").json()
+    assert [(c["step"], c["status"]) for c in distill["children"]] == [
+        ("shard 1/2", "succeeded"), ("shard 2/2", "succeeded")
+    ]  # fmt: skip
+    assert [s["row_range"] for s in distill["metrics"]["shards"]] == [[0, 4], [4, 8]]
+    finetune = next(c for c in done["children"] if c["step"] == "finetune")
+    assert api.get(f"/v1/jobs/{finetune['id']}").json()["started_at"] >= distill["finished_at"]
     result = api.get(f"/v1/jobs/{job['id']}/result").json()
     assert result["artifacts"] == arts and result["metrics"]["table"] == summary["table"]
     report = api.get(f"/v1/jobs/{job['id']}/report")
@@ -94,3 +105,10 @@ def test_cancelling_a_pipeline_cancels_its_steps(api, workers, tiny_model, eval_
     statuses = {c["step"]: c["status"] for c in children}
     assert statuses["report"] == statuses["finetune"] == "cancelled", statuses
     assert "failed" not in statuses.values()
+    step = next(c for c in children if c["step"] == "distill")
+    while time.monotonic() < deadline:  # a running shard stops at its next batch
+        shards = api.get(f"/v1/jobs/{step['id']}").json()["children"]
+        if all(s["status"] in ("cancelled", "succeeded", "failed") for s in shards):
+            break
+        time.sleep(0.5)
+    assert len(shards) == 2 and {s["status"] for s in shards} <= {"cancelled", "succeeded"}

@@ -7,6 +7,11 @@ the spec again, resolves inputs, calls the ``service`` run function with a
 the record: succeeded (metrics, artifact ids), cancelled, or failed (code, message,
 where). Within a pipeline, a failed or cancelled step fails or cancels the pipeline and
 its remaining steps; the last step (``report``) builds the summary table.
+
+A sharded distill job (``workers/shards.py``) is a parent too: its shards
+(``distill_shard``) run here like any distill job, and the job's own run is the gather
+step. Settling a parent settles its parent in turn (a sharded distill step of a
+pipeline) and its children's children (that step's shards).
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import redis
 
 from service.errors import CancelledError, DistilleryError
 from service.settings import get_settings
-from service.specs import JOB_SPECS
+from service.specs import JOB_SPECS, DistillShardSpec
 from service.store import ArtifactStore
-from workers import records
+from workers import records, shards
 from workers.outputs import artifact_id_for, register_outputs, resolve_job_refs, work_dir
 from workers.reporter import RecordReporter
 
-SPECS = JOB_SPECS
+SPECS = {**JOB_SPECS, shards.SHARD_TYPE: DistillShardSpec}
+TEACHER_TYPES = ("distill", shards.SHARD_TYPE)
 
 
 class StepFailed(Exception):
@@ -59,7 +65,7 @@ def run_step(job_type: str, spec: Any, work: Path, reporter: RecordReporter, eng
         from service.prune import run_prune
 
         return run_prune(spec, work / "model", reporter)
-    if job_type == "distill":
+    if job_type in TEACHER_TYPES:
         from service.distill import run_distill
 
         return run_distill(spec, work / "rows.jsonl", reporter, engine=engine)
@@ -83,13 +89,20 @@ def start(conn: redis.Redis, job: dict) -> bool:
     """queued → running (or running → running when RQ retries a job whose worker died)."""
     attempts = job["attempts"] + 1
     data = {"attempt": attempts}
-    if not records.transition(
+    now = time.time()
+    if job["children"] and job["type"] != "pipeline":
+        # A sharded job's gather step: the job has been running since its first shard.
+        if records.status(conn, job["id"]) != "running":
+            return False
+        records.update(conn, job["id"], attempts=attempts)
+        records.add_event(conn, job["id"], f"gathering {len(job['children'])} shards", data=data)
+    elif not records.transition(
         conn,
         job["id"],
         ("queued", "running"),
         "running",
         data=data,
-        started_at=time.time(),
+        started_at=now,
         attempts=attempts,
     ):
         return False
@@ -97,9 +110,26 @@ def start(conn: redis.Redis, job: dict) -> bool:
         records.add_event(
             conn, job["id"], f"resumed (attempt {attempts})", level="warning", data=data
         )
-    if job["parent"]:
-        records.transition(conn, job["parent"], ("queued",), "running", started_at=time.time())
+    parent = job["parent"]
+    while parent:  # a shard of a pipeline's distill step starts both
+        records.transition(conn, parent, ("queued",), "running", started_at=now)
+        parent = (records.get(conn, parent) or {}).get("parent")
+    if job["type"] == shards.SHARD_TYPE:
+        worker = _worker_name()
+        records.update(conn, job["id"], worker=worker or "")
+        records.add_event(
+            conn, job["parent"], f"{job['step']} running on {worker} (attempt {attempts})",
+            data={"shard": job["id"], "worker": worker, "attempt": attempts},
+        )  # fmt: skip
     return True
+
+
+def _worker_name() -> str | None:
+    """The RQ worker running the current job (None outside a worker)."""
+    from rq import get_current_job
+
+    rq_job = get_current_job()
+    return rq_job.worker_name if rq_job is not None else None
 
 
 def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | None = None) -> str:
@@ -122,15 +152,30 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     store = ArtifactStore.from_settings(settings)
     timeout = timeout if timeout is not None else settings.job_timeout
     deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
-    reporter = RecordReporter(conn, job_id, deadline=deadline)
+    is_shard = job["type"] == shards.SHARD_TYPE
+    is_gather = job["type"] == "distill" and bool(job["children"])
+    if is_shard:
+        reporter: RecordReporter = shards.ShardReporter(conn, job, deadline=deadline)
+    else:
+        reporter = RecordReporter(conn, job_id, deadline=deadline)
     try:
         raw = resolve_job_refs(conn, job["tenant"], job["spec"])
         spec = SPECS[job["type"]].model_validate(raw)
-        engine = engine_for(spec) if engine_for is not None and job["type"] == "distill" else None
         work = work_dir(settings.home_dir(), job_id)
-        result = run_step(job["type"], spec, work, reporter, engine=engine)
+        if is_gather:
+            result = shards.gather(conn, job, settings.home_dir(), work)
+            reporter.progress(rows_done=result["rows"], rows_total=result["rows"],
+                              shards=len(job["children"]), shards_done=len(job["children"]))  # fmt: skip
+        else:
+            use_engine = engine_for is not None and job["type"] in TEACHER_TYPES
+            engine = engine_for(spec) if use_engine else None
+            result = run_step(job["type"], spec, work, reporter, engine=engine)
         reporter.flush()
-        artifacts = register_outputs(store, job, spec.model_dump(mode="json"), work, result)
+        if is_shard:  # its rows stay in its work folder until the gather step
+            result["worker"] = _worker_name()
+            artifacts: dict = {}
+        else:
+            artifacts = register_outputs(store, job, spec.model_dump(mode="json"), work, result)
     except CancelledError:
         reporter.flush()
         end(conn, job, "cancelled")
@@ -140,6 +185,12 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
         end(conn, job, "failed", error=error_doc(exc, job["type"]))
         raise StepFailed(str(exc)) from exc
     end(conn, job, "succeeded", metrics=result, artifacts=artifacts)
+    if is_shard:
+        shards.sum_progress(conn, job["parent"], reporter.shard_ids)  # counts it as done
+        records.add_event(conn, job["parent"], f"{job['step']} succeeded on {result['worker']}",
+                          data={"shard": job_id, "worker": result["worker"]})  # fmt: skip
+    if is_gather:
+        shards.remove_shard_outputs(settings.home_dir(), job)
     return "succeeded"
 
 
@@ -172,20 +223,39 @@ def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
 
 
 def stop_pipeline(conn: redis.Redis, parent_id: str, status: str, error: dict | None) -> None:
-    """Settle a pipeline: cancel its unfinished steps, then mark it ``status``."""
-    from workers.submit import cancel_rq_job
+    """Settle a parent job (a pipeline, or a sharded distill job): cancel its unfinished
+    children, then mark it ``status``; a parent that has a parent settles that one too."""
+    from workers.submit import cancel_waiting_rq_job
 
     parent = records.get(conn, parent_id)
     if parent is None:
         return
+    stop_children(conn, parent)
+    fields: dict[str, Any] = {"finished_at": time.time()}
+    if status == "failed" and error:
+        fields["error"] = error
+    if records.transition(conn, parent_id, ("queued", "running"), status, **fields):
+        cancel_waiting_rq_job(conn, parent_id)  # a sharded job's gather step
+        if parent["parent"]:
+            stop_pipeline(conn, parent["parent"], status, error)
+
+
+def stop_children(conn: redis.Redis, parent: dict) -> None:
+    """Cancel a parent's children: queued ones now, running ones at their next batch or
+    step; a child with children of its own (a sharded step) is cancelled with them."""
+    from workers.submit import cancel_rq_job, cancel_waiting_rq_job
+
     for child_id in parent["children"]:
         records.request_cancel(conn, child_id)
         if records.transition(conn, child_id, ("queued",), "cancelled", finished_at=time.time()):
             cancel_rq_job(conn, child_id)
-    fields: dict[str, Any] = {"finished_at": time.time()}
-    if status == "failed" and error:
-        fields["error"] = error
-    records.transition(conn, parent_id, ("queued", "running"), status, **fields)
+        child = records.get(conn, child_id)
+        if child and child["children"]:
+            stop_children(conn, child)
+            if records.transition(
+                conn, child_id, ("running",), "cancelled", finished_at=time.time()
+            ):
+                cancel_waiting_rq_job(conn, child_id)
 
 
 def write_report(

@@ -11,6 +11,14 @@ caller and one child record (and RQ job) per step, chained by RQ dependencies::
 A step names the products of earlier steps by their job ids (``"model": "job_..."``);
 ``workers.outputs.resolve_job_refs`` turns them into artifact ids when the step starts.
 
+A large distill job, alone or as a pipeline's step, is split into shards on the
+``teacher`` queue, and its own RQ job, depending on them all, gathers their rows
+(``workers/shards.py``)::
+
+    shard 1/N ─┐
+    ...        ├▶ distill (gather) ─▶ (finetune ...)
+    shard N/N ─┘
+
 RQ jobs are enqueued with ``job_timeout=-1`` (the job enforces DISTILLERY_JOB_TIMEOUT
 itself: a teacher job must not be killed mid-batch, or its worker would lose its loaded
 engine) and ``Retry(max=2)``: a job whose worker died is put back by RQ's abandoned-job
@@ -28,13 +36,13 @@ from pathlib import Path
 import redis
 from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Callback, Job
+from rq.job import Callback, Job, JobStatus
 
 from service.errors import DistilleryError
 from service.pipeline import step_specs
-from service.specs import PipelineSpec, Spec
+from service.specs import DistillSpec, PipelineSpec, Spec
 from service.store import ArtifactStore
-from workers import records
+from workers import records, shards
 from workers.outputs import check_refs
 
 QUEUES = ("teacher", "train")
@@ -45,7 +53,9 @@ QUEUE_OF = {
     "evaluate": "train",
     "merge": "train",
     "report": "train",
+    shards.SHARD_TYPE: "teacher",
 }
+INTERNAL_TYPES = ("report", shards.SHARD_TYPE)  # made by the service, never submitted
 FUNC_OF = {"teacher": "workers.jobs.teacher_job", "train": "workers.jobs.train_job"}
 RETRIES = 2
 IDEMPOTENCY_TTL = 24 * 3600  # seconds a key is remembered (Stripe keeps them 24 h)
@@ -87,22 +97,38 @@ def submit(
     check_refs(store, tenant, doc)
     if job_type == "pipeline":
         assert isinstance(spec, PipelineSpec)
-        return submit_pipeline(conn, tenant, spec, job_id=job_id)
-    if job_type not in QUEUE_OF or job_type == "report":
+        return submit_pipeline(conn, tenant, spec, job_id=job_id, store=store)
+    if job_type not in QUEUE_OF or job_type in INTERNAL_TYPES:
         raise DistilleryError(f"unknown job type {job_type!r}")
-    rec = records.create(conn, tenant=tenant, type=job_type, spec=doc, queue=QUEUE_OF[job_type],
-                         job_id=job_id)  # fmt: skip
+    n, rows = shards.shard_count(store, spec) if isinstance(spec, DistillSpec) else (1, None)
+    pipe = conn.pipeline()
+    rec = records.create(pipe, tenant=tenant, type=job_type, spec=doc, queue=QUEUE_OF[job_type],
+                         job_id=job_id, pipe=pipe)  # fmt: skip
+    planned = shards.create_shards(pipe, tenant, rec["id"], doc, n, rows) if n > 1 else []
+    pipe.execute()
     try:
-        enqueue(conn, rec["id"], job_type, doc)
+        for sid, sdoc in planned:
+            enqueue(conn, sid, shards.SHARD_TYPE, sdoc)
+        enqueue(conn, rec["id"], job_type, doc, depends_on=[sid for sid, _ in planned])
     except Exception as exc:
-        records.transition(conn, rec["id"], ("queued",), "failed", finished_at=time.time(),
-                           error={"code": "enqueue", "message": str(exc), "where": "submit"})  # fmt: skip
+        error = {"code": "enqueue", "message": str(exc), "where": "submit"}
+        if planned:
+            from workers.execute import stop_pipeline
+
+            stop_pipeline(conn, rec["id"], "failed", error)
+        else:
+            records.transition(conn, rec["id"], ("queued",), "failed", finished_at=time.time(),
+                               error=error)  # fmt: skip
         raise
     return records.get(conn, rec["id"]) or rec
 
 
 def submit_pipeline(
-    conn: redis.Redis, tenant: str, spec: PipelineSpec, job_id: str | None = None
+    conn: redis.Redis,
+    tenant: str,
+    spec: PipelineSpec,
+    job_id: str | None = None,
+    store: ArtifactStore | None = None,
 ) -> dict:
     parent = records.create(conn, tenant=tenant, type="pipeline",
                             spec=spec.model_dump(mode="json"), queue=None, job_id=job_id)  # fmt: skip
@@ -149,10 +175,18 @@ def submit_pipeline(
     for step, job_type, doc, _ in plan:
         records.create(pipe, tenant=tenant, type=job_type, spec=doc, queue=QUEUE_OF[job_type],
                        parent=pid, step=step, job_id=ids[step], pipe=pipe)  # fmt: skip
+    n, rows = shards.shard_count(store, steps["distill"])
+    planned = (
+        shards.create_shards(pipe, tenant, ids["distill"], plan[1][2], n, rows) if n > 1 else []
+    )
     pipe.execute()
     records.update(conn, pid, children=[ids[step] for step, *_ in plan])
     try:
+        for sid, sdoc in planned:
+            enqueue(conn, sid, shards.SHARD_TYPE, sdoc)
         for step, job_type, doc, deps in plan:
+            if step == "distill":
+                deps = [sid for sid, _ in planned]
             enqueue(conn, ids[step], job_type, doc, depends_on=deps)
     except Exception as exc:
         from workers.execute import stop_pipeline
@@ -190,6 +224,17 @@ def cancel_rq_job(conn: redis.Redis, job_id: str) -> None:
         pass
 
 
+def cancel_waiting_rq_job(conn: redis.Redis, job_id: str) -> None:
+    """Cancel an RQ job that has not started (a sharded job's gather step, waiting on its
+    shards); a running one is left to finish and find its record settled."""
+    try:
+        job = Job.fetch(job_id, connection=conn)
+        if job.get_status(refresh=False) in (JobStatus.DEFERRED, JobStatus.QUEUED):
+            job.cancel()
+    except (NoSuchJobError, InvalidJobOperation):
+        pass
+
+
 def cancel(conn: redis.Redis, job: dict) -> dict:
     """Cancel queued work now; running work stops at its next batch or step."""
     from workers.execute import stop_pipeline
@@ -198,7 +243,7 @@ def cancel(conn: redis.Redis, job: dict) -> dict:
     if job["status"] in records.TERMINAL:
         raise Conflict(f"job {job_id} already {job['status']}", {"status": job["status"]})
     records.request_cancel(conn, job_id)
-    if job["type"] == "pipeline":
+    if job["type"] == "pipeline" or job["children"]:  # a pipeline, or a sharded job
         stop_pipeline(conn, job_id, "cancelled", None)
     elif records.transition(conn, job_id, ("queued",), "cancelled", finished_at=time.time()):
         cancel_rq_job(conn, job_id)
