@@ -12,7 +12,9 @@ import redis
 from fastapi import FastAPI
 
 from api import errors
+from api.request_log import RequestLog
 from api.routes import datasets, distill, health, jobs, models
+from service import logs
 from service.settings import get_settings
 from workers.redis_server import configured_url
 
@@ -28,7 +30,10 @@ def create_app(redis_url: str | None = None) -> FastAPI:
     url = redis_url or configured_url(get_settings().home_dir())
     if not url:
         raise RuntimeError("no Redis: set REDIS_URL, or run `distillery up`")
+    # After uvicorn's own logging setup (a factory runs after it): one format for all.
+    logs.configure()
     app = FastAPI(title="Distillery", version="1", description=DESCRIPTION)
+    app.add_middleware(RequestLog)
     app.state.redis_url = url
     # One client (and pool) per process; redis-py's pool is thread-safe, and sync routes
     # run in FastAPI's threadpool. health_check_interval re-checks idle connections, so a

@@ -16,6 +16,7 @@ import redis.asyncio as aredis
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service import logs
 from service.settings import Settings, get_settings
 from service.store import ArtifactStore
 from workers.keys import ADMIN_SET, KEYS_HASH, hash_key
@@ -91,6 +92,7 @@ async def get_caller(
         tenant, admin = await p.execute()
     if tenant is None:
         raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
+    logs.bind(tenant=tenant.decode())  # the request's log line names the tenant
     return Caller(tenant.decode(), bool(admin))
 
 

@@ -10,7 +10,6 @@ runs twice at once.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
@@ -18,6 +17,8 @@ import time
 
 import redis
 
+from service import logs
+from workers import records
 from workers.execute import StepFailed, execute
 
 
@@ -38,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or not args[0].startswith("job_"):
         print("usage: python -m workers.child <job id>", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s child %(message)s")
+    logs.configure()
     exit_with_parent()
     conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+    tenant = conn.hget(records.job_key(args[0]), "tenant")
     try:
-        status = execute(conn, args[0])
+        with logs.context(job_id=args[0], tenant=tenant.decode() if tenant else None):
+            status = execute(conn, args[0])
     except StepFailed as exc:
         print(f"job {args[0]} failed: {exc}", file=sys.stderr)
         return 1

@@ -19,7 +19,6 @@ cleanup; when they stop (the worker died), RQ requeues the job within about
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import threading
@@ -29,6 +28,8 @@ from rq import SimpleWorker
 from rq.job import Job
 from rq.queue import Queue
 
+from service import logs
+from workers import records
 from workers.redis_server import configured_url
 from workers.submit import QUEUES
 
@@ -42,8 +43,12 @@ class DistilleryWorker(SimpleWorker):
         done = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, done), daemon=True, name="heartbeat")
         beat.start()
+        tenant = self.connection.hget(records.job_key(job.id), "tenant")
         try:
-            super().execute_job(job, queue)
+            # Every line logged while the job runs (ours, rq's, the engine's) carries
+            # its id and tenant (service/logs.py).
+            with logs.context(job_id=job.id, tenant=tenant.decode() if tenant else None):
+                super().execute_job(job, queue)
         finally:
             done.set()
             beat.join(timeout=5)
@@ -99,12 +104,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from service.settings import get_settings
 
-    url = args.url or configured_url(get_settings().home_dir())
+    settings = get_settings()
+    url = args.url or configured_url(settings.home_dir())
     if not url:
         print("error: no Redis: set REDIS_URL or start `distillery up`", file=sys.stderr)
         return 2
     os.environ["REDIS_URL"] = url  # child processes of train jobs connect to the same Redis
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure()  # DISTILLERY_LOG_FORMAT=json: one JSON object per line
     conn = redis.Redis.from_url(url)
     worker = DistilleryWorker(
         args.queues,
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         job_monitoring_interval=args.monitor_interval,
         maintenance_interval=args.maintenance_interval,
     )
-    worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
+    worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
     return 0
 
 
