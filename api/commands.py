@@ -162,7 +162,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     """Bring a local model directory into a tenant's space in the store: API callers
     name models by id, never by a path on the server."""
     from service.errors import DistilleryError
-    from service.settings import get_settings
     from service.store import ArtifactStore
     from workers.keys import TENANT_RE
     from workers.outputs import import_model
@@ -172,7 +171,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 2
     try:
         manifest = import_model(
-            ArtifactStore(get_settings().home_dir()), args.tenant, args.path, name=args.name
+            ArtifactStore.from_settings(), args.tenant, args.path, name=args.name
         )
     except DistilleryError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
