@@ -76,7 +76,7 @@ def run_vllm_offline(llm, tokenizer, requests, params) -> tuple[list[int], float
     return [len(o.outputs[0].token_ids) for o in outs], time.perf_counter() - t
 
 
-def run_distill_loop(engine, n: int, params: GenParams, batch: int) -> tuple[int, float]:
+def run_distill_loop(engine, n: int, params: GenParams, batch: int | None) -> tuple[int, float]:
     """``run_distill`` on the first n Alpaca rows in planned batches of ``batch`` rows (the
     loop sorts rows by length, calls the engine per batch, judges and writes the rows)."""
     import tempfile
@@ -153,7 +153,7 @@ class Bench:
         elif name in ("fast", "fast-draft", "fast-int8", "openai") and name in self.engines:
             gens, secs = timed(self.engines[name], requests, params)
         elif name == "distill" and set_name == "distill" and "fast" in self.engines:
-            batch = args.distill_batch or len(requests)
+            batch = None if args.distill_batch is None else args.distill_batch or len(requests)
             tokens, secs = run_distill_loop(self.engines["fast"], len(requests), params, batch)
             return {"prompts": len(requests), "tokens": tokens, "seconds": secs}
         elif name == "vllm-offline" and self.gpu:
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--distill-batch",
         type=int,
         default=DistillSpec.model_fields["batch_size"].default,
-        help="rows per engine call in the distill row (default: the distill spec's; 0: all)",
+        help="rows per engine call in the distill row (default: the distill spec's, which "
+        "depends on the engine; 0: all)",
     )
     ap.add_argument("--openai-url", default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")

@@ -12,7 +12,8 @@ a file back as a dataset whose rows train on ``response`` (SDFT likewise swaps t
 kept prediction into the row, ``eval/gen_distilled_data.py``).
 
 Batches: rows are sorted by prompt length (longest first, so an out-of-memory shows up
-in the first batch) and cut into ``batch_size`` groups that pad little. The plan depends
+in the first batch) and cut into groups of ``batch_size`` rows (unset: a size that suits
+the engine, ``batch_size_for``) that pad little. The plan depends
 only on the dataset and the spec, never on what is already done, so a resumed run
 generates exactly the batches an uninterrupted one would: greedy rewrites are identical.
 Sampled rows use seed ``row_seed(spec.seed, index)``, independent of batching.
@@ -114,6 +115,18 @@ def gen_params(spec: DistillSpec) -> GenParams:
     )
 
 
+# Rows per engine call when the spec leaves batch_size unset. Plain generate pads a batch
+# to its longest row and carries finished rows along, so it wants small batches of similar
+# length; the other engines batch and refill inside a call: on this CPU the fast engine
+# on 16 rows per call reached 0.62 of its throughput on all 64 (docs/performance.md).
+ENGINE_BATCH = {"hf": 16}
+DEFAULT_ENGINE_BATCH = 256
+
+
+def batch_size_for(spec: DistillSpec, engine_name: str) -> int:
+    return spec.batch_size or ENGINE_BATCH.get(engine_name, DEFAULT_ENGINE_BATCH)
+
+
 def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Positions grouped into batches of similar length, longest first (ties keep
     input order)."""
@@ -138,7 +151,7 @@ def distill_pairs(
     requests = [build_request(row, spec.template) for _, row in pairs]
     lengths = [engine.prompt_length(r) for r in requests]
     params = gen_params(spec)
-    for batch in plan_batches(lengths, spec.batch_size):
+    for batch in plan_batches(lengths, batch_size_for(spec, engine.name)):
         missing = [k for k in batch if pairs[k][0] not in done]
         if not missing:
             continue
@@ -250,7 +263,7 @@ def summarise(finished: list[Finished], engine: str, seconds: float, new_tokens:
 def engine_options(spec: DistillSpec) -> dict:
     # The hf engine splits what it is given into sub-batches of its own size; keep it
     # equal to the spec's so one planned batch is one model.generate call.
-    return {"batch_size": spec.batch_size} if spec.engine == "hf" else {}
+    return {"batch_size": batch_size_for(spec, "hf")} if spec.engine == "hf" else {}
 
 
 def run_distill(
@@ -344,7 +357,8 @@ def gather_shards(parts: list[Path], summaries: list[dict], out: Path, seconds: 
     for s in summaries:
         reasons.update(s["reasons"])
     new_tokens = sum(s.get("new_tokens", 0) for s in summaries)
-    keep = ("shard", "row_range", "rows", "seconds", "tokens_per_s", "resumed_rows", "worker")
+    keep = ("shard", "row_range", "rows", "seconds", "tokens_per_s", "resumed_rows", "worker",
+            "threads")  # fmt: skip
     return {
         "rows": rows,
         "distilled": distilled,

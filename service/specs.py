@@ -52,7 +52,15 @@ class DistillSpec(Spec):
     )
     limit: int | None = Field(None, ge=1, le=MAX_ROWS, description="Rewrite only the first K rows.")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest rewrite, in tokens.")
-    batch_size: int = Field(16, ge=1, le=1024, description="Rows generated together.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Rows handed to the engine per call (cancellation and resume act between "
+        "calls). Unset: 16 for hf (plain generate pads a batch to its longest row), 256 for "
+        "fast, vllm and openai (they batch and refill finished rows inside a call, and the "
+        "more rows they get the fuller they stay).",
+    )
     engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
         "auto", description="Teacher engine: auto picks vLLM on a GPU, else the fast CPU engine."
     )

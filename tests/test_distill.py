@@ -386,3 +386,14 @@ def test_shards_gathered_in_order_equal_one_run(mixed_file, teacher_dir, engine,
     # A shard file that does not hold the rows its summary counts is refused.
     with pytest.raises(DistilleryError):
         gather_shards(parts[:2], summaries[1:3], tmp_path / "bad.jsonl", seconds=1.0)
+
+
+def test_batch_size_follows_the_engine_unless_set():
+    from service.distill import batch_size_for, engine_options
+
+    unset = DistillSpec(dataset="x")
+    assert batch_size_for(unset, "hf") == 16
+    assert batch_size_for(unset, "fast") == batch_size_for(unset, "vllm") == 256
+    assert batch_size_for(DistillSpec(dataset="x", batch_size=8), "fast") == 8
+    assert engine_options(DistillSpec(dataset="x", engine="hf")) == {"batch_size": 16}
+    assert engine_options(DistillSpec(dataset="x", engine="fast")) == {}
