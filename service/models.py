@@ -35,18 +35,34 @@ BUILTINS = {
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
 
-def apply_threads() -> None:
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def apply_threads(share: int | None = None) -> int | None:
     """Apply DISTILLERY_THREADS (torch intra-op threads) when set; torch's default is one
-    thread per core. Called wherever a model is resolved or loaded."""
+    thread per core. Called wherever a model is resolved or loaded.
+
+    ``share``: this many processes on the machine divide its cores (the teacher workers
+    of one host, ``workers.jobs``); with DISTILLERY_THREADS unset each then takes
+    cores // share threads, at least one. N processes that each run a thread per core
+    oversubscribe the cores, and an OpenMP thread that loses its core stalls every matrix
+    product it takes part in (docs/performance.md). Returns the threads set, if any."""
     from service.settings import get_settings
 
     threads = get_settings().threads
+    if not threads and share:
+        threads = max(1, available_cores() // share)
     if not threads:
-        return
+        return None
     import torch
 
-    if threads and torch.get_num_threads() != threads:
+    if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    return threads
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -63,9 +63,9 @@ class Farm:
 
 
 def start_teacher(name: str, url: str, home: Path, log: Path) -> subprocess.Popen:
-    # One torch thread each: three workers share this machine's cores.
-    env = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1",
-               DISTILLERY_THREADS="1")  # fmt: skip
+    # No DISTILLERY_THREADS: the three workers divide this machine's cores between them.
+    env = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1")
+    env.pop("DISTILLERY_THREADS", None)
     cmd = [sys.executable, "-m", "workers.worker", "--queues", "teacher", "--name", name,
            "--monitor-interval", "1", "--maintenance-interval", "3"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
@@ -169,6 +169,10 @@ def test_sharded_job_equals_one_worker_and_every_worker_took_part(
     assert [s["metrics"]["row_range"] for s in shards] == [[0, 120], [120, 240], [240, 360]]
     ran_on = [s["worker"] for s in job["metrics"]["shards"]]
     assert sorted(ran_on) == sorted(WORKERS), ran_on  # each worker did a third
+    from service.models import available_cores
+
+    threads = max(1, available_cores() // len(WORKERS))
+    assert [s["threads"] for s in job["metrics"]["shards"]] == [threads] * 3
     assert job["metrics"]["rows"] == N_ROWS and job["artifacts"]["dataset"]
     assert job["progress"]["rows_done"] == job["progress"]["rows_total"] == N_ROWS
     assert job["started_at"] in [s["started_at"] for s in shards]  # it began with a shard

@@ -171,6 +171,10 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
             engine = engine_for(spec) if use_engine else None
             result = run_step(job["type"], spec, work, reporter, engine=engine)
         reporter.flush()
+        if job["type"] in TEACHER_TYPES and not is_gather:
+            import torch
+
+            result["threads"] = torch.get_num_threads()
         if is_shard:  # its rows stay in its work folder until the gather step
             result["worker"] = _worker_name()
             artifacts: dict = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Any
 import redis
 from rq import get_current_job
 
+from service.models import apply_threads
 from service.settings import get_settings
 from workers import records
 from workers.execute import SPECS, StepFailed, end, execute
@@ -73,10 +75,22 @@ def _no_retry() -> None:
         job.retries_left = 0
 
 
+def teacher_workers_here(conn: redis.Redis) -> int:
+    """Teacher workers registered from this host, this one included."""
+    from rq import Queue, Worker
+
+    host = socket.gethostname()
+    workers = Worker.all(queue=Queue("teacher", connection=conn))
+    return max(1, sum(1 for w in workers if w.hostname == host))
+
+
 def teacher_job(job_id: str, job_type: str, spec: dict) -> str:
     SPECS[job_type].model_validate(spec)  # validated at the API, and again here
+    conn = _connection()
+    # The teacher workers of one host share its cores (unless DISTILLERY_THREADS says).
+    apply_threads(share=teacher_workers_here(conn))
     try:
-        return execute(_connection(), job_id, engine_for=cached_engine)
+        return execute(conn, job_id, engine_for=cached_engine)
     except StepFailed:
         _no_retry()
         raise
