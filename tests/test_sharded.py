@@ -209,6 +209,27 @@ def test_shard_progress_sums_into_the_job(redis_conn):
     assert got["tokens_per_s"] == 5.0  # only the running shard is generating
 
 
+def test_a_gather_step_starts_running_or_requeued_never_settled(redis_conn):
+    from workers import records, shards
+    from workers.execute import start
+
+    pipe = redis_conn.pipeline()
+    job = records.create(pipe, tenant="t", type="distill", spec={}, queue="teacher", pipe=pipe)
+    shards.create_shards(pipe, "t", job["id"], {"dataset": "x"}, 2, rows=4)
+    pipe.execute()
+    records.transition(redis_conn, job["id"], ("queued",), "running", started_at=123.0)
+    assert start(redis_conn, records.get(redis_conn, job["id"]))  # all shards done: gather
+    rec = records.get(redis_conn, job["id"])
+    assert (rec["status"], rec["started_at"], rec["attempts"]) == ("running", 123.0, 1)
+    # its worker died: RQ requeued it (workers.jobs.on_rq_failure), and it runs again
+    records.transition(redis_conn, job["id"], ("running",), "queued")
+    assert start(redis_conn, records.get(redis_conn, job["id"]))
+    rec = records.get(redis_conn, job["id"])
+    assert (rec["status"], rec["started_at"], rec["attempts"]) == ("running", 123.0, 2)
+    records.transition(redis_conn, job["id"], ("running",), "cancelled")
+    assert not start(redis_conn, records.get(redis_conn, job["id"]))
+
+
 def test_cancelling_a_sharded_job_cancels_every_shard(farm, wide_teacher, dataset):
     from service.store import get_store
     from workers import records

@@ -91,8 +91,14 @@ def start(conn: redis.Redis, job: dict) -> bool:
     data = {"attempt": attempts}
     now = time.time()
     if job["children"] and job["type"] != "pipeline":
-        # A sharded job's gather step: the job has been running since its first shard.
-        if records.status(conn, job["id"]) != "running":
+        # A sharded job's gather step: the job has been running since its first shard (or
+        # is queued again: RQ requeued a gather whose worker died).
+        status = records.status(conn, job["id"])
+        if status not in ("queued", "running"):
+            return False
+        if status == "queued" and not records.transition(
+            conn, job["id"], ("queued",), "running", data=data
+        ):
             return False
         records.update(conn, job["id"], attempts=attempts)
         records.add_event(conn, job["id"], f"gathering {len(job['children'])} shards", data=data)
