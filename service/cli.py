@@ -170,7 +170,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
             p.add_argument("--out", required=True, help="Where to write the result.")
         if name == "finetune":
             p.add_argument(
-                "--resume", action="store_true", help="Continue from the checkpoint <out>.ckpt that an interrupted run left."
+                "--resume",
+                action="store_true",
+                help="Continue from the checkpoint <out>.ckpt that an interrupted run left.",
             )
         if name in ("evaluate", "run"):
             p.add_argument(
