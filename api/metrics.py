@@ -94,8 +94,8 @@ class DistilleryCollector(Collector):
             p.hmget(key, "type", "status", "progress")
         rates: dict[str, float] = defaultdict(float)
         for typ, status, progress in p.execute() if keys else []:
-            if _text(status) != "running" or not progress:
-                continue
+            if _text(status) != "running" or not progress or _text(typ) == "distill_shard":
+                continue  # a sharded job's own progress already sums its shards' rates
             rate = json.loads(progress).get("tokens_per_s")
             if isinstance(rate, int | float):
                 rates[_text(typ)] += rate

@@ -77,8 +77,13 @@ def test_metrics_follow_job_records(redis_conn, api_url):
     t0 = time.time()
     assert records.transition(redis_conn, a, ("queued",), "running", started_at=t0)
     records.update(redis_conn, a, progress={"rows_done": 2, "tokens_per_s": 12.5})
+    # a shard's rate is already in its job's summed progress: not counted again
+    c = records.create(redis_conn, tenant="t", type="distill_shard", spec={}, queue="teacher")
+    assert records.transition(redis_conn, c["id"], ("queued",), "running", started_at=t0)
+    records.update(redis_conn, c["id"], progress={"rows_done": 1, "tokens_per_s": 5.0})
     assert records.transition(redis_conn, b, ("queued",), "cancelled", finished_at=t0)
     m = scrape(api_url)
+    assert value(m, "distillery_tokens_per_second", type="distill_shard") is None
     assert value(m, "distillery_jobs", type="distill", status="queued") == 0
     assert value(m, "distillery_jobs", type="distill", status="running") == 1
     assert value(m, "distillery_jobs", type="finetune", status="cancelled") == 1
