@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         description="Seconds a cancelled trainer job gets to stop at its next step before "
         "its child process is terminated.",
     )
+    train_procs: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Processes a trainer worker starts for each finetune job: above 1 the "
+        "job runs data parallel under torchrun, one process per GPU (gloo on CPU).",
+    )
 
     # -- deployment (docs/deploy.md) ---------------------------------------------------
     store_url: str | None = Field(

@@ -22,6 +22,7 @@ from service.finetune import run_finetune
 from service.specs import FinetuneSpec
 from tests.conftest import ALPACA_ROWS
 
+pytest_plugins = ["tests.redis_fixture"]
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"batch_size": 3, "micro_batch_size": 1, "epochs": 1, "lr": 1e-3, "lora_dropout": 0.0}
 
@@ -63,3 +64,61 @@ def test_two_gloo_ranks_match_one_process(tmp_path, tiny_llama):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     assert not (tmp_path / "ddp.ckpt").exists()  # rank 0 cleaned up its checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_trainer_worker_runs_a_finetune_job_under_torchrun(
+    redis_server, session_home, tiny_llama, tmp_path
+):
+    """DISTILLERY_TRAIN_PROCS=2: the trainer worker starts the job's child under torchrun;
+    rank 0 runs the job (record, progress, output), rank 1 trains its share."""
+    import redis
+
+    from api.datasets import save_dataset
+    from service.store import ArtifactStore
+    from tests.redis_fixture import stop_process, wait_for
+    from workers import records
+    from workers.submit import submit
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/9"  # a database of its own: no other workers
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    store = ArtifactStore(session_home)
+    data = "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS[:7]).encode()
+    ds = save_dataset(store, "t", data, "rows.jsonl")["id"]
+    job = submit(conn, store, "t", "finetune", FinetuneSpec(model=str(tiny_llama), dataset=ds,
+                                                            **OPTIONS))  # fmt: skip
+    env = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(session_home), OMP_NUM_THREADS="1",
+               DISTILLERY_THREADS="1", DISTILLERY_DEVICE="cpu", DISTILLERY_TRAIN_PROCS="2")  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers.worker", "--queues", "train", "--burst"],
+        cwd=ROOT, env=env, stdout=(tmp_path / "worker.log").open("ab"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        rec = wait_for(
+            lambda: (r := records.get(conn, job["id"]))["status"] in records.TERMINAL and r,
+            600, 0.5, "the finetune job to finish",
+        )  # fmt: skip
+    finally:
+        stop_process(worker)
+    assert rec["status"] == "succeeded", (
+        rec["error"],
+        (tmp_path / "worker.log").read_text()[-3000:],
+    )
+    got = store.path("model", rec["artifacts"]["model"]) / "model"
+    log = json.loads((got / "train_log.json").read_text())
+    assert log["world_size"] == 2
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(data)
+    single = tmp_path / "single"
+    run_finetune(FinetuneSpec(model=str(tiny_llama), dataset=str(rows), **OPTIONS), single)
+    ref = json.loads((single / "train_log.json").read_text())
+    assert [s["loss"] for s in log["steps"]] == pytest.approx(
+        [s["loss"] for s in ref["steps"]], rel=1e-4
+    )
+    one, two = weights(single), weights(got)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    conn.flushdb()

@@ -23,15 +23,48 @@ from workers.execute import StepFailed, execute
 
 
 def exit_with_parent(poll: float = 1.0) -> None:
+    """Exit when the worker is gone: the parent, or under torchrun (whose agent outlives
+    the worker) the worker whose pid ``DISTILLERY_WORKER_PID`` names."""
     parent = os.getppid()
+    worker = int(os.environ.get("DISTILLERY_WORKER_PID", "0"))
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     def watch() -> None:
         while True:
             time.sleep(poll)
-            if os.getppid() != parent:
+            if os.getppid() != parent or (worker and not alive(worker)):
                 os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def follow(conn: redis.Redis, job_id: str, poll: float = 0.2) -> int:
+    """A non-zero torchrun rank of a finetune job: once rank 0 has started the job, train
+    this rank's share on the same spec and work folder; the record, progress, checkpoints
+    and output are rank 0's (``service/distributed.py``). If rank 0 fails before training,
+    torchrun ends this rank with it."""
+    from service.finetune import run_finetune
+    from service.settings import get_settings
+    from service.specs import FinetuneSpec
+    from workers.outputs import resolve_job_refs, work_dir
+
+    while (status := records.status(conn, job_id)) == "queued":
+        time.sleep(poll)
+    if status != "running":
+        return 0  # cancelled or settled before it started: rank 0 does not train either
+    job = records.get(conn, job_id)
+    spec = FinetuneSpec.model_validate(resolve_job_refs(conn, job["tenant"], job["spec"]))
+    work = work_dir(get_settings().home_dir(), job_id)
+    run_finetune(spec, work / "model", resume=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure()
     exit_with_parent()
     conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+    if int(os.environ.get("RANK", "0")) > 0:
+        return follow(conn, args[0])
     tenant = conn.hget(records.job_key(args[0]), "tenant")
     try:
         with logs.context(job_id=args[0], tenant=tenant.decode() if tenant else None):

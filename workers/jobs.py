@@ -137,12 +137,24 @@ def _stop(proc: subprocess.Popen, wait: float = 10.0) -> None:
             continue
 
 
+def child_command(job_id: str, job_type: str, procs: int) -> list[str]:
+    """``python -m workers.child JOB``; a finetune job with ``procs`` > 1 runs under
+    torchrun, one child per rank (rank 0 runs the job, the others follow it)."""
+    child = ["-m", "workers.child", job_id]
+    if job_type != "finetune" or procs <= 1:
+        return [sys.executable, *child]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={procs}", *child]  # fmt: skip
+
+
 def supervise_child(conn: redis.Redis, job_id: str, poll: float = 0.5) -> str:
     """Run the job in ``python -m workers.child``; return the record's final status."""
     settings = get_settings()
-    env = dict(os.environ, REDIS_URL=os.environ.get("REDIS_URL") or _redis_url(conn))
+    env = dict(os.environ, REDIS_URL=os.environ.get("REDIS_URL") or _redis_url(conn),
+               DISTILLERY_WORKER_PID=str(os.getpid()))  # fmt: skip
+    job_type = (records.get(conn, job_id) or {}).get("type", "")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.child", job_id],
+        child_command(job_id, job_type, settings.train_procs),
         env=env,
         start_new_session=True,  # its own process group: we can end it and all it started
     )
