@@ -21,6 +21,8 @@ every stage with what is done so far; cells still to run say "pending".
 5. The ablation's remaining models (angular 2, 4; BI 2, 4, 6; no fine-tuning).
 6. The data-size sweep: SFT vs SD on the first quarter and half of the recovery set
    (6 blocks).
+7. Tried after, as the paper suggests: SD fine-tuned on the Alpaca and the GSM8K rows
+   apart and SLERP-merged; twice the data (the recovery set plus as many new rows).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from service.specs import DistillSpec, EvaluateSpec, FinetuneSpec, PruneSpec
 TASKS = ["arc_easy", "arc_challenge", "piqa", "openbookqa", "winogrande", "boolq"]
 MAIN_BLOCKS = (6, 10)
 ABLATION = [(m, n) for n in (2, 4, 6) for m in ("angular", "bi")]
+MERGED = "sd-6-merged"
 PAPER = "91.2% (self-data distillation) vs 81.7% (SFT), Llama3.1-8B-Instruct, 6 of 32 blocks"
 
 
@@ -179,13 +182,16 @@ class Experiment:
         return self._write("distill_summary.json", summary)
 
     def finetune(self, kind: str, blocks: int, rows: int) -> Path:
+        data = self.out / "distilled.jsonl" if kind == "sd" else self.recovery_set()
+        return self.train(ft_name(kind, blocks, rows), blocks, data, rows)
+
+    def train(self, name: str, blocks: int, data: Path, rows: int | None = None) -> Path:
+        """LoRA on the angular-pruned model, the same settings for every condition."""
         from service.finetune import run_finetune
 
-        name = ft_name(kind, blocks, rows)
         out = self.out / name
         if (out / "train_log.json").is_file():
             return out
-        data = self.out / "distilled.jsonl" if kind == "sd" else self.recovery_set()
         spec = FinetuneSpec(
             model=str(self.out / pruned_name("angular", blocks)),
             dataset=str(data),
@@ -198,6 +204,64 @@ class Experiment:
         )
         self.timed(f"finetune {name}", lambda: run_finetune(spec, out, self.reporter, resume=True))
         return out
+
+    def more_data(self) -> None:
+        """SFT vs SD on twice the rows: the recovery set plus as many new rows of the same
+        mix (another seed), the new ones distilled like the first."""
+        from service.distill import run_distill
+
+        n = 2 * self.args.rows
+        orig, dist = self.out / f"recovery-{n}.jsonl", self.out / f"distilled-{n}.jsonl"
+        if not dist.is_file():
+            extra = self.out / "recovery-extra.jsonl"
+            first = self.recovery_set().read_text()
+            if not extra.is_file():
+                seen = {json.dumps(json.loads(x), sort_keys=True) for x in first.splitlines()}
+                pool = json.loads((self.data / "alpaca" / "alpaca_5000.json").read_text())
+                gsm = (self.data / "gsm8k" / "train.jsonl").read_text().splitlines()
+                pool += [json.loads(line) for line in gsm]
+                pool = [r for r in pool if json.dumps(r, sort_keys=True) not in seen]
+                rng = random.Random(self.args.seed + 2)
+                n_gsm = round(self.args.rows * self.args.gsm8k_fraction)
+                alpaca = [r for r in pool if "instruction" in r]
+                rows = rng.sample(alpaca, self.args.rows - n_gsm)
+                rows += rng.sample([r for r in pool if "question" in r], n_gsm)
+                rng.shuffle(rows)
+                write_jsonl(extra, rows)
+            spec = DistillSpec(
+                teacher=self.args.model,
+                dataset=str(extra),
+                max_new_tokens=self.args.max_new_tokens,
+                batch_size=self.args.distill_batch,
+                engine=self.args.engine,
+                seed=self.args.seed,
+            )
+            part = self.out / "distilled-extra.jsonl"
+            if not part.is_file():
+                self.timed("distill extra", lambda: run_distill(spec, part, self.reporter))
+            orig.write_text(first + extra.read_text())
+            dist.write_text((self.out / "distilled.jsonl").read_text() + part.read_text())
+        for kind, data in (("sft", orig), ("sd", dist)):
+            self.train(ft_name(kind, 6, n), 6, data)
+            self.evaluate(ft_name(kind, 6, n))
+
+    def merged_sd(self) -> None:
+        """The paper's merge at this scale: SD on the Alpaca rows and SD on the GSM8K rows
+        of the recovery set, fine-tuned apart, SLERP-merged (t = 0.5), 6 blocks."""
+        from service.merge import run_merge
+        from service.specs import MergeSpec
+
+        out = self.out / MERGED
+        if not (out / "merge_report.json").is_file():
+            rows = [json.loads(line) for line in (self.out / "distilled.jsonl").open()]
+            parts = []
+            for source, key in (("alpaca", "instruction"), ("gsm8k", "question")):
+                path = self.out / f"distilled-{source}.jsonl"
+                write_jsonl(path, [r for r in rows if key in r])
+                parts.append(self.train(f"sd-6-{source}", 6, path))
+            spec = MergeSpec(models=[str(p) for p in parts], t=0.5)
+            self.timed(f"merge {MERGED}", lambda: run_merge(spec, out, self.reporter))
+        self.evaluate(MERGED, True)
 
     def evaluate(self, name: str, agreement: bool = False) -> dict:
         from service.evaluate import run_evaluate
@@ -249,6 +313,9 @@ class Experiment:
                         self.evaluate(ft_name(kind, 6, part)),
                     ),
                 )
+
+        yield "try merge", self.merged_sd
+        yield "try more data", self.more_data
 
     def run(self) -> None:
         self.check_config()
@@ -387,9 +454,15 @@ def write_results(out: Path, args: argparse.Namespace, times: dict, dest: Path) 
         removed = json.loads(report.read_text())["removed_layers"] if report.is_file() else "?"
         lines.append(_row(f"{metric} {n} {removed}", _load(out, pruned_name(metric, n)), base))
     lines += ["", "## Data size: SFT vs self-data distillation, 6 blocks", "", head, rule]
-    for part in (args.rows // 4, args.rows // 2, args.rows):
+    for part in (args.rows // 4, args.rows // 2, args.rows, 2 * args.rows):
         for kind, label in (("sft", "SFT"), ("sd", "SD")):
             lines.append(_row(f"{label}, {part} rows", _load(out, ft_name(kind, 6, part)), base))
+    lines += ["", "## Tried after: SD fine-tuned per source and SLERP-merged, 6 blocks", "",
+              head + " KL | top-1 | draft acceptance |", rule + "---|---|---|"]  # fmt: skip
+    ev = _load(out, ft_name("sd", 6, args.rows))
+    lines.append(_row("SD on the mix (main table)", ev, base, _agreement_cells(ev)))
+    ev = _load(out, MERGED)
+    lines.append(_row("SD Alpaca ⊕ SD GSM8K (SLERP 0.5)", ev, base, _agreement_cells(ev)))
     lines += ["", "## Wall times (seconds, this run, shared 2-core machine)", ""]
     lines += [f"- {k}: {v}" for k, v in times.items()]
     dest.parent.mkdir(parents=True, exist_ok=True)
