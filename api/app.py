@@ -16,6 +16,7 @@ from api.request_log import RequestLog
 from api.routes import datasets, distill, health, jobs, models
 from service import logs
 from service.settings import get_settings
+from workers.keys import add_key
 from workers.redis_server import configured_url
 
 DESCRIPTION = """Recover the quality of layer-pruned LLMs by self-data distillation.
@@ -39,6 +40,11 @@ def create_app(redis_url: str | None = None) -> FastAPI:
     # run in FastAPI's threadpool. health_check_interval re-checks idle connections, so a
     # restarted Redis is picked up again without restarting the API.
     app.state.redis = redis.Redis.from_url(url, health_check_interval=30)
+    admin_key = get_settings().admin_key
+    if admin_key:
+        if len(admin_key) < 24:
+            raise RuntimeError("DISTILLERY_ADMIN_KEY is too short: use at least 24 characters")
+        add_key(app.state.redis, admin_key, "admin", admin=True)
     # The hot, I/O-only paths (auth, job status) use an asyncio client instead, made on
     # first use in the server's event loop (api/deps.py), so they need no threadpool hop.
     errors.install(app)

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         description="Seconds a cancelled trainer job gets to stop at its next step before "
         "its child process is terminated.",
     )
+    admin_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="An admin API key the API registers (its hash) on start: the "
+        "deployment's first key, from which tenants' keys can be made (docker-compose "
+        "requires it). At least 24 characters.",
+    )
     train_procs: int = Field(
         default=1,
         ge=1,

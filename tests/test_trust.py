@@ -454,3 +454,21 @@ def test_hostile_queries_and_headers(api):
     ):
         r = httpx.get(f"{api.base_url}/v1/jobs", headers={"Authorization": auth.encode("utf-8")})
         assert r.status_code in (401, 403), (auth[:20], r.status_code)
+
+
+def test_the_admin_key_of_the_deployment_is_registered_on_start(
+    redis_server, redis_conn, setting
+):
+    """DISTILLERY_ADMIN_KEY (docker-compose requires it) becomes an admin key when the API
+    starts; a short one stops the API."""
+    from api.app import create_app
+    from workers.keys import is_admin, tenant_for
+
+    key = "dk_" + "a" * 40
+    setting("admin_key", key)
+    create_app(redis_server.url)
+    assert tenant_for(redis_conn, key) == "admin" and is_admin(redis_conn, key)
+    setting("admin_key", "short")
+    with pytest.raises(RuntimeError, match="too short"):
+        create_app(redis_server.url)
+    assert tenant_for(redis_conn, "short") is None

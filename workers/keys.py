@@ -41,9 +41,14 @@ def create_key(conn: redis.Redis, tenant: str, admin: bool = False) -> str:
     return key
 
 
-def add_key(conn: redis.Redis, key: str, tenant: str) -> None:
-    """Register an existing key (``distillery up`` re-registers its local key on start)."""
-    conn.hset(KEYS_HASH, hash_key(key), tenant)
+def add_key(conn: redis.Redis, key: str, tenant: str, admin: bool = False) -> None:
+    """Register an existing key (``distillery up`` re-registers its local key on start;
+    the API registers DISTILLERY_ADMIN_KEY as an admin key)."""
+    p = conn.pipeline()
+    p.hset(KEYS_HASH, hash_key(key), tenant)
+    if admin:
+        p.sadd(ADMIN_SET, hash_key(key))
+    p.execute()
 
 
 def tenant_for(conn: redis.Redis, key: str) -> str | None:
