@@ -325,6 +325,7 @@ class Experiment:
             self.reporter.event(f"stage: {label}")
             fn()
             write_results(self.out, self.args, self.times, Path(self.args.results))
+        write_results(self.out, self.args, self.times, Path(self.args.results))
 
 
 # -- the results document --------------------------------------------------------------
@@ -343,7 +344,7 @@ def _avg_se(ev: dict) -> float | None:
 def _row(label: str, ev: dict | None, base: dict | None, extra: list[str] | None = None) -> str:
     n_extra = len(extra) if extra is not None else 0
     if ev is None:
-        return f"| {label} | " + " | ".join(["pending"] * (len(TASKS) + 2 + n_extra)) + " |"
+        return f"| {label} | " + " | ".join(["pending"] * (len(TASKS) + 3 + n_extra)) + " |"
     cells = []
     for t in TASKS:
         r = ev["tasks"][t]
@@ -351,9 +352,31 @@ def _row(label: str, ev: dict | None, base: dict | None, extra: list[str] | None
         cells.append(f"{r['acc']:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
     se = _avg_se(ev)
     cells.append(f"{ev['average']:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
-    ret = retention(ev["tasks"], base["tasks"])["mean"] if base else None
-    cells.append(f"{100 * ret:.1f}%" if ret is not None else "-")
+    for tasks in (TASKS, above_chance(base)):
+        ret = retention(_only(ev, tasks), _only(base, tasks))["mean"] if base else None
+        cells.append(f"{100 * ret:.1f}%" if ret is not None else "-")
     return f"| {label} | " + " | ".join(cells + (extra or [])) + " |"
+
+
+# Accuracy of guessing: uniform over the choices (boolq: yes/no).
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "openbookqa": 0.25,
+          "winogrande": 0.5, "boolq": 0.5}  # fmt: skip
+
+
+def above_chance(base: dict | None) -> list[str]:
+    """Tasks the unpruned model does clearly better than guessing on (acc > chance + 2 SE):
+    on the others a "retention" measures noise around chance, not retained skill."""
+    if base is None:
+        return []
+    return [
+        t
+        for t in TASKS
+        if base["tasks"][t]["acc"] > CHANCE[t] + 2 * (base["tasks"][t].get("acc_stderr") or 0)
+    ]
+
+
+def _only(ev: dict | None, tasks: list[str]) -> dict:
+    return {t: r for t, r in ((ev or {}).get("tasks") or {}).items() if t in tasks}
 
 
 def _agreement_cells(ev: dict | None) -> list[str]:
@@ -375,8 +398,9 @@ def _train_cells(out: Path, name: str) -> str:
 
 def write_results(out: Path, args: argparse.Namespace, times: dict, dest: Path) -> None:
     base = _load(out, "unpruned")
-    head = "| model | " + " | ".join(TASKS) + " | average | retention |"
-    rule = "|" + "---|" * (len(TASKS) + 3)
+    sure = ", ".join(above_chance(base)) or "none yet"
+    head = "| model | " + " | ".join(TASKS) + f" | average | retention | retention ({sure}) |"
+    rule = "|" + "---|" * (len(TASKS) + 4)
     lines = [
         "# Results: recovering a pruned SmolLM2-135M-Instruct (the paper's experiment, small)",
         "",
@@ -408,7 +432,9 @@ def write_results(out: Path, args: argparse.Namespace, times: dict, dest: Path) 
         "documents of each task (the same documents for every model), acc (acc_norm "
         "where the harness reports it for the task), ± standard error; average ± its "
         "standard error (tasks taken as independent); retention = mean over tasks of "
-        "model acc / unpruned acc.",
+        "model acc / unpruned acc; the last column keeps only the tasks the unpruned model "
+        "does clearly better than chance on (acc > chance + 2 SE), since on the others a "
+        "ratio measures noise around chance.",
         f"- Teacher agreement on {args.agreement_prompts} held-out prompts (half Alpaca rows "
         "outside the recovery set, half GSM8K test questions), 64 greedy teacher tokens "
         "each: KL(teacher || model) per token, top-1 agreement, and the exact acceptance "
