@@ -122,3 +122,56 @@ def test_a_trainer_worker_runs_a_finetune_job_under_torchrun(
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     conn.flushdb()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_torchrun_ranks_exit_when_their_trainer_worker_dies(
+    redis_server, session_home, tiny_llama, tmp_path
+):
+    """SIGKILL the trainer worker mid-job: torchrun's agent outlives it, but every rank
+    watches the worker's pid and exits, so a retried job never runs twice at once."""
+    import signal
+
+    import redis
+
+    from api.datasets import save_dataset
+    from service.store import ArtifactStore
+    from tests.redis_fixture import stop_process, wait_for
+    from workers import records
+    from workers.submit import submit
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/10"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    store = ArtifactStore(session_home)
+    data = "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS).encode()
+    ds = save_dataset(store, "t", data, "rows.jsonl")["id"]
+    spec = FinetuneSpec(model=str(tiny_llama), dataset=ds, epochs=100, batch_size=2,
+                        micro_batch_size=1, max_length=64)  # fmt: skip
+    job = submit(conn, store, "t", "finetune", spec)
+    env = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(session_home), OMP_NUM_THREADS="1",
+               DISTILLERY_THREADS="1", DISTILLERY_DEVICE="cpu", DISTILLERY_TRAIN_PROCS="2")  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers.worker", "--queues", "train"],
+        cwd=ROOT, env=env, stdout=(tmp_path / "worker.log").open("ab"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def ranks() -> list[int]:
+        out = subprocess.run(["pgrep", "-f", f"workers.child {job['id']}"],
+                             capture_output=True, text=True)  # fmt: skip
+        return [int(p) for p in out.stdout.split()]
+
+    try:
+        wait_for(
+            lambda: records.get(conn, job["id"])["progress"].get("step", 0) >= 2,
+            300, 0.1, "training to start on both ranks",
+        )  # fmt: skip
+        assert len(ranks()) >= 2  # torchrun's agent and its two ranks share the command line
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        wait_for(lambda: not ranks(), 60, 0.2, "every rank and the agent to exit")
+    finally:
+        stop_process(worker)
+        subprocess.run(["pkill", "-9", "-f", f"workers.child {job['id']}"])
+    conn.flushdb()
