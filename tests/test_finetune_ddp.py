@@ -145,7 +145,8 @@ def test_torchrun_ranks_exit_when_their_trainer_worker_dies(
     conn = redis.Redis.from_url(url)
     conn.flushdb()
     store = ArtifactStore(session_home)
-    data = "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS).encode()
+    # Long enough (~8000 steps) that the ranks cannot simply finish while the test waits.
+    data = "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS * 20).encode()
     ds = save_dataset(store, "t", data, "rows.jsonl")["id"]
     spec = FinetuneSpec(model=str(tiny_llama), dataset=ds, epochs=100, batch_size=2,
                         micro_batch_size=1, max_length=64)  # fmt: skip
@@ -170,7 +171,8 @@ def test_torchrun_ranks_exit_when_their_trainer_worker_dies(
         assert len(ranks()) >= 2  # torchrun's agent and its two ranks share the command line
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
-        wait_for(lambda: not ranks(), 60, 0.2, "every rank and the agent to exit")
+        wait_for(lambda: not ranks(), 30, 0.2, "every rank and the agent to exit")
+        assert records.get(conn, job["id"])["status"] == "running"  # it did not just finish
     finally:
         stop_process(worker)
         subprocess.run(["pkill", "-9", "-f", f"workers.child {job['id']}"])
