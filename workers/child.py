@@ -19,28 +19,18 @@ import redis
 
 from service import logs
 from workers import records
-from workers.execute import StepFailed, execute
+from workers.execute import StepFailed, execute, worker_gone
 
 
 def exit_with_parent(poll: float = 1.0) -> None:
     """Exit when the worker is gone: the parent, or under torchrun (whose agent outlives
     the worker) the worker whose pid ``DISTILLERY_WORKER_PID`` names."""
     parent = os.getppid()
-    worker = int(os.environ.get("DISTILLERY_WORKER_PID", "0"))
-
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
     def watch() -> None:
         while True:
             time.sleep(poll)
-            if os.getppid() != parent or (worker and not alive(worker)):
+            if os.getppid() != parent or worker_gone():
                 os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()

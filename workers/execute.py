@@ -16,6 +16,7 @@ pipeline) and its children's children (that step's shards).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import traceback
@@ -191,6 +192,11 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
         end(conn, job, "cancelled")
         return "cancelled"
     except Exception as exc:
+        if worker_gone():
+            # A job's child whose worker died (under torchrun a rank then loses its peer
+            # mid-collective): the error is that death's. Leave the record running; RQ
+            # requeues the abandoned job and it resumes from its checkpoint.
+            os._exit(3)
         reporter.flush()
         end(conn, job, "failed", error=error_doc(exc, job["type"]))
         raise StepFailed(str(exc)) from exc
@@ -202,6 +208,21 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     if is_gather:
         shards.remove_shard_outputs(settings.home_dir(), job)
     return "succeeded"
+
+
+def worker_gone() -> bool:
+    """In a job's child process (``workers.child``): whether the worker that started it,
+    ``DISTILLERY_WORKER_PID``, has died. Always False in a worker itself."""
+    pid = int(os.environ.get("DISTILLERY_WORKER_PID", "0"))
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
 
 
 def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
