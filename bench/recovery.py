@@ -429,8 +429,8 @@ def write_results(out: Path, args: argparse.Namespace, times: dict, dest: Path) 
         f"{2 * args.lora_rank}, q_proj/v_proj, lr {args.lr} cosine, batch 8, {args.epochs} "
         f"epochs, seed {args.seed}; the same rows in the same order, so the same steps.",
         f"- Evaluation: lm-evaluation-harness on the local task files, first {args.eval_limit} "
-        "documents of each task (the same documents for every model), acc (acc_norm "
-        "where the harness reports it for the task), ± standard error; average ± its "
+        "documents of each task (the same documents for every model), acc (not acc_norm) "
+        "± standard error; average ± its "
         "standard error (tasks taken as independent); retention = mean over tasks of "
         "model acc / unpruned acc; the last column keeps only the tasks the unpruned model "
         "does clearly better than chance on (acc > chance + 2 SE), since on the others a "
