@@ -106,6 +106,10 @@ def test_a_killed_trainer_worker_resumes_from_its_checkpoint(
         # the child notices its parent is gone and exits: no two runs of one job at once
         wait_for(lambda: not children_of(job["id"]), 30, 0.2, "the orphaned child to exit")
         assert child, "the job ran in a child process"
+        # The child may take a few more steps before it notices (progress also lags): the
+        # run resumes from the last checkpoint it wrote, whatever that step is.
+        last_ckpt = torch.load(ckpt, weights_only=True)["step"]
+        assert killed_at // 4 * 4 <= last_ckpt < steps_total
         assert records.get(conn, job["id"])["status"] == "running"  # until RQ notices
         second = start_worker("train", url, session_home, tmp_path / "second.log")
         rec = wait_for(lambda: finished(conn, job["id"]), 600, 0.5, "the job to finish")
@@ -121,7 +125,7 @@ def test_a_killed_trainer_worker_resumes_from_its_checkpoint(
     resumed = [m for m in said if m.startswith("resumed from")]
     assert resumed, said
     resumed_at = int(resumed[0].rsplit(" ", 1)[1])
-    assert 4 <= resumed_at <= killed_at + 4 and resumed_at % 4 == 0  # a checkpoint step
+    assert resumed_at == last_ckpt and resumed_at % 4 == 0  # a checkpoint step
     assert rec["metrics"]["resumed_from"] == resumed_at
 
     got = store.path("model", rec["artifacts"]["model"]) / "model"

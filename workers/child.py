@@ -22,7 +22,7 @@ from workers import records
 from workers.execute import StepFailed, execute, worker_gone
 
 
-def exit_with_parent(poll: float = 1.0) -> None:
+def exit_with_parent(poll: float = 0.2) -> None:
     """Exit when the worker is gone: the parent, or under torchrun (whose agent outlives
     the worker) the worker whose pid ``DISTILLERY_WORKER_PID`` names."""
     parent = os.getppid()
