@@ -30,6 +30,7 @@ from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 
 from workers import stats
+from workers.shards import SHARD_TYPE
 from workers.submit import QUEUES
 
 
@@ -94,7 +95,7 @@ class DistilleryCollector(Collector):
             p.hmget(key, "type", "status", "progress")
         rates: dict[str, float] = defaultdict(float)
         for typ, status, progress in p.execute() if keys else []:
-            if _text(status) != "running" or not progress or _text(typ) == "distill_shard":
+            if _text(status) != "running" or not progress or _text(typ) == SHARD_TYPE:
                 continue  # a sharded job's own progress already sums its shards' rates
             rate = json.loads(progress).get("tokens_per_s")
             if isinstance(rate, int | float):

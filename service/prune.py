@@ -117,13 +117,18 @@ def _save_atomically(model, tokenizer, report: dict, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def calibration_rows(spec: PruneSpec) -> list[Row]:
+    return pick_rows(load_rows(spec.calibration), spec.samples, spec.seed)
+
+
 def score_calibration(
-    spec: PruneSpec, model, tokenizer, reporter: Reporter | None = None
+    spec: PruneSpec, model, tokenizer, reporter: Reporter | None = None, rows=None
 ) -> BlockScores:
-    """Run the calibration rows of ``spec`` through ``model`` and collect per-block scores
-    (every metric and block count is chosen from these, so one pass serves many prunes)."""
+    """Run the calibration rows of ``spec`` (``rows``, when already read) through ``model``
+    and collect per-block scores (every metric and block count is chosen from these, so
+    one pass serves many prunes)."""
     reporter = reporter or Reporter()
-    rows = pick_rows(load_rows(spec.calibration), spec.samples, spec.seed)
+    rows = rows if rows is not None else calibration_rows(spec)
     depth = model.config.get_text_config().num_hidden_layers
     batches = calibration_batches(rows, tokenizer, spec.max_length, spec.batch_size)
     total = sum(len(b["input_ids"]) for b in batches)
@@ -155,13 +160,13 @@ def run_prune(
     depth = _num_layers(spec.model)
     if depth is not None:
         _check_blocks(spec.blocks, depth)
-    if scores is None:
-        load_rows(spec.calibration)  # a bad calibration set fails before the model loads
+    # Read before the model loads, so a bad calibration set fails fast.
+    rows = calibration_rows(spec) if scores is None else None
     model, tokenizer = load_model(spec.model)
     depth = model.config.get_text_config().num_hidden_layers
     _check_blocks(spec.blocks, depth)
     if scores is None:
-        scores = score_calibration(spec, model, tokenizer, reporter)
+        scores = score_calibration(spec, model, tokenizer, reporter, rows)
     removed = choose_blocks(scores, spec.blocks, spec.metric)
     bi = scores.block_influence()
     if spec.metric == "angular":

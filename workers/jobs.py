@@ -108,7 +108,7 @@ def train_job(job_id: str, job_type: str, spec: dict) -> str:
     job = records.get(conn, job_id)
     if job is None or job["status"] in records.TERMINAL:
         return job["status"] if job else "missing"
-    status = supervise_child(conn, job_id)
+    status = supervise_child(conn, job_id, job_type)
     if status == "failed":
         _no_retry()
         raise StepFailed(f"{job_type} {job_id} failed")
@@ -147,12 +147,11 @@ def child_command(job_id: str, job_type: str, procs: int) -> list[str]:
             f"--nproc-per-node={procs}", *child]  # fmt: skip
 
 
-def supervise_child(conn: redis.Redis, job_id: str, poll: float = 0.5) -> str:
+def supervise_child(conn: redis.Redis, job_id: str, job_type: str, poll: float = 0.5) -> str:
     """Run the job in ``python -m workers.child``; return the record's final status."""
     settings = get_settings()
     env = dict(os.environ, REDIS_URL=os.environ.get("REDIS_URL") or _redis_url(conn),
                DISTILLERY_WORKER_PID=str(os.getpid()))  # fmt: skip
-    job_type = (records.get(conn, job_id) or {}).get("type", "")
     proc = subprocess.Popen(
         child_command(job_id, job_type, settings.train_procs),
         env=env,

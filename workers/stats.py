@@ -9,8 +9,8 @@ record (``workers/records.py``), and the API reads them at scrape time.
 - ``distillery:stats:running``: set of the job hashes now running (the same script), so
   a scrape reads live progress (tokens/s) of running jobs without scanning all records.
 - ``distillery:stats:durations``: hash of a histogram per ``<type>|<status>``:
-  ``<type>|<status>|<upper bound>`` (per-bucket counts, not cumulative), ``...|sum``,
-  ``...|count``, written when a job that had started finishes.
+  ``<type>|<status>|<upper bound>`` (per-bucket counts, not cumulative; their total is
+  the count) and ``...|sum``, written when a job that had started finishes.
 - ``distillery:stats:generated``: hash ``rows``, ``tokens``: what succeeded distill
   jobs wrote (their result's ``rows`` and ``generated_tokens``).
 
@@ -53,7 +53,6 @@ def job_finished(conn: redis.Redis, key: str, status: str) -> None:
         name = f"{typ}|{status}"
         p.hincrby(DURATIONS_KEY, f"{name}|{bucket_of(seconds)}", 1)
         p.hincrbyfloat(DURATIONS_KEY, f"{name}|sum", seconds)
-        p.hincrby(DURATIONS_KEY, f"{name}|count", 1)
     if status == "succeeded" and typ == "distill" and metrics:
         result = json.loads(metrics) or {}
         p.hincrby(GENERATED_KEY, "rows", int(result.get("rows") or 0))
