@@ -162,20 +162,24 @@ class Experiment:
             report = run_prune(spec, self.out / pruned_name(metric, n), self.reporter, scores)
             self.reporter.event(f"{metric} {n}: removed {report['removed_layers']}")
 
+    def distill_spec(self, dataset: Path) -> DistillSpec:
+        """The teacher's rewrite of ``dataset``, the same for every set of this run."""
+        return DistillSpec(
+            teacher=self.args.model,
+            dataset=str(dataset),
+            max_new_tokens=self.args.max_new_tokens,
+            batch_size=self.args.distill_batch,
+            engine=self.args.engine,
+            seed=self.args.seed,
+        )
+
     def distill(self) -> dict:
         from service.distill import run_distill
 
         done = self._read("distill_summary.json")
         if done:
             return done
-        spec = DistillSpec(
-            teacher=self.args.model,
-            dataset=str(self.recovery_set()),
-            max_new_tokens=self.args.max_new_tokens,
-            batch_size=self.args.distill_batch,
-            engine=self.args.engine,
-            seed=self.args.seed,
-        )
+        spec = self.distill_spec(self.recovery_set())
         summary = self.timed(
             "distill", lambda: run_distill(spec, self.out / "distilled.jsonl", self.reporter)
         )
@@ -228,14 +232,7 @@ class Experiment:
                 rows += rng.sample([r for r in pool if "question" in r], n_gsm)
                 rng.shuffle(rows)
                 write_jsonl(extra, rows)
-            spec = DistillSpec(
-                teacher=self.args.model,
-                dataset=str(extra),
-                max_new_tokens=self.args.max_new_tokens,
-                batch_size=self.args.distill_batch,
-                engine=self.args.engine,
-                seed=self.args.seed,
-            )
+            spec = self.distill_spec(extra)
             part = self.out / "distilled-extra.jsonl"
             if not part.is_file():
                 self.timed("distill extra", lambda: run_distill(spec, part, self.reporter))
