@@ -128,3 +128,23 @@ def gsm8k_file(tmp_path) -> Path:
     p = tmp_path / "gsm8k.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
     return p
+
+
+@pytest.fixture(scope="session")
+def wide_teacher(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama with larger random weights and a likelier EOS: a teacher whose
+    generations vary in length (tests of batching, refill, sharding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        model.model.embed_tokens.weight[tok.eos_token_id] *= 3.0
+    out = tmp_path_factory.mktemp("wide-teacher")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

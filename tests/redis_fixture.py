@@ -130,21 +130,44 @@ def eval_data(tmp_path_factory) -> Path:
     return folder
 
 
-def start_worker(queues: str, url: str, home: Path, log: Path, eval_data: Path) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        REDIS_URL=url,
-        DISTILLERY_HOME=str(home),
-        DISTILLERY_EVAL_DATA=str(eval_data),
-        PYTHONUNBUFFERED="1",
-    )
+def start_worker(
+    queues: str,
+    url: str,
+    home: Path,
+    log: Path,
+    eval_data: Path | None = None,
+    *,
+    name: str | None = None,
+    fast_recovery: bool = False,
+    **env: str | None,
+) -> subprocess.Popen:
+    """A ``workers.worker`` process. ``fast_recovery``: it notices dead peers fast
+    (heartbeats every second, sweeps every 3). ``env``: more variables (None unsets)."""
+    full = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1")
+    if eval_data is not None:
+        full["DISTILLERY_EVAL_DATA"] = str(eval_data)
+    for k, v in env.items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
+    cmd = [sys.executable, "-m", "workers.worker", "--queues", queues]
+    if name:
+        cmd += ["--name", name]
+    if fast_recovery:
+        cmd += ["--monitor-interval", "1", "--maintenance-interval", "3"]
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.worker", "--queues", queues],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
+        cmd, cwd=ROOT, env=full, stdout=log.open("ab"), stderr=subprocess.STDOUT
     )
+
+
+def own_db(redis_server, db: int) -> tuple[str, redis.Redis]:
+    """A database of its own on the session's Redis (emptied): no other worker takes its
+    jobs."""
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    return url, conn
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from service.datasets import DISTILLED_FIELDS, read_dataset
 from service.distill import (
@@ -39,26 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tiny_llama, tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-        model.model.embed_tokens.weight[tok.eos_token_id] *= 3.0
-    out = tmp_path_factory.mktemp("teacher")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def engine(teacher_dir) -> HFEngine:
-    return HFEngine(str(teacher_dir), device="cpu", batch_size=16)
+def engine(wide_teacher) -> HFEngine:
+    return HFEngine(str(wide_teacher), device="cpu", batch_size=16)
 
 
 @pytest.fixture
@@ -127,16 +108,16 @@ def test_sampling_follows_the_row_seed_not_the_batch(engine):
     assert [g.text for g in together] != [g.text for g in greedy]
 
 
-def test_make_engine_builds_the_hf_engine(teacher_dir):
-    eng = make_engine("hf", str(teacher_dir), batch_size=2)
+def test_make_engine_builds_the_hf_engine(wide_teacher):
+    eng = make_engine("hf", str(wide_teacher), batch_size=2)
     assert isinstance(eng, HFEngine) and eng.batch_size == 2
 
 
 def test_output_rows_are_input_rows_in_order_with_provenance(
-    mixed_file, teacher_dir, engine, tmp_path
+    mixed_file, wide_teacher, engine, tmp_path
 ):
     out = tmp_path / "out.jsonl"
-    summary = run_distill(spec_for(mixed_file, teacher_dir), out, engine=engine)
+    summary = run_distill(spec_for(mixed_file, wide_teacher), out, engine=engine)
     rows = read_dataset(mixed_file)
     got = read_lines(out)
     assert len(got) == len(rows) == summary["rows"] == 11
@@ -185,9 +166,9 @@ run_distill(DistillSpec.model_validate_json(sys.argv[1]), Path(sys.argv[2]), Sta
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(
-    mixed_file, teacher_dir, engine, tmp_path
+    mixed_file, wide_teacher, engine, tmp_path
 ):
-    spec = spec_for(mixed_file, teacher_dir)
+    spec = spec_for(mixed_file, wide_teacher)
     whole = tmp_path / "whole.jsonl"
     run_distill(spec, whole, engine=engine)
 
@@ -220,7 +201,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(
 
 
 def test_cancel_between_batches_then_rerun_finishes_without_duplicates(
-    mixed_file, teacher_dir, engine, tmp_path
+    mixed_file, wide_teacher, engine, tmp_path
 ):
     class CancelAfterTwoBatches(Reporter):
         checks = 0
@@ -230,7 +211,7 @@ def test_cancel_between_batches_then_rerun_finishes_without_duplicates(
             if self.checks > 2:
                 raise CancelledError("cancelled")
 
-    spec = spec_for(mixed_file, teacher_dir)
+    spec = spec_for(mixed_file, wide_teacher)
     out = tmp_path / "out.jsonl"
     with pytest.raises(CancelledError):
         run_distill(spec, out, CancelAfterTwoBatches(), engine=engine)
@@ -255,7 +236,7 @@ def test_cancel_between_batches_then_rerun_finishes_without_duplicates(
     ]
 
 
-def test_partial_of_another_spec_is_refused(mixed_file, teacher_dir, engine, tmp_path):
+def test_partial_of_another_spec_is_refused(mixed_file, wide_teacher, engine, tmp_path):
     out = tmp_path / "out.jsonl"
     with pytest.raises(CancelledError):
 
@@ -263,17 +244,17 @@ def test_partial_of_another_spec_is_refused(mixed_file, teacher_dir, engine, tmp
             def check(self):
                 raise CancelledError("cancelled")
 
-        run_distill(spec_for(mixed_file, teacher_dir), out, CancelNow(), engine=engine)
+        run_distill(spec_for(mixed_file, wide_teacher), out, CancelNow(), engine=engine)
     with pytest.raises(SpecError, match="different distillation"):
-        run_distill(spec_for(mixed_file, teacher_dir, max_new_tokens=13), out, engine=engine)
+        run_distill(spec_for(mixed_file, wide_teacher, max_new_tokens=13), out, engine=engine)
     mixed_file.write_text(mixed_file.read_text() + json.dumps(ALPACA_ROWS[0]) + "\n")
     with pytest.raises(SpecError):
-        run_distill(spec_for(mixed_file, teacher_dir), out, engine=engine)
+        run_distill(spec_for(mixed_file, wide_teacher), out, engine=engine)
 
 
-def test_sampled_rows_do_not_depend_on_batch_size(mixed_file, teacher_dir, engine, tmp_path):
+def test_sampled_rows_do_not_depend_on_batch_size(mixed_file, wide_teacher, engine, tmp_path):
     def spec(**kw):
-        return spec_for(mixed_file, teacher_dir, temperature=0.8, max_new_tokens=6, **kw)
+        return spec_for(mixed_file, wide_teacher, temperature=0.8, max_new_tokens=6, **kw)
 
     a = tmp_path / "a.jsonl"
     b = tmp_path / "b.jsonl"
@@ -286,14 +267,14 @@ def test_sampled_rows_do_not_depend_on_batch_size(mixed_file, teacher_dir, engin
     assert row_seed(3, 0) != row_seed(3, 1) != row_seed(4, 1)
 
 
-def test_cli_writes_the_file_and_prints_the_summary(alpaca_file, teacher_dir, tmp_path, capsys):
+def test_cli_writes_the_file_and_prints_the_summary(alpaca_file, wide_teacher, tmp_path, capsys):
     from api.cli import main
 
     out = tmp_path / "cli.jsonl"
     argv = [
         "distill",
         "--teacher",
-        str(teacher_dir),
+        str(wide_teacher),
         "--dataset",
         str(alpaca_file),
         "--out",
@@ -345,10 +326,10 @@ def test_shard_bounds_cover_the_rows_in_order():
         DistillShardSpec(dataset="x", shards=2, shard=2)
 
 
-def test_shards_gathered_in_order_equal_one_run(mixed_file, teacher_dir, engine, tmp_path):
+def test_shards_gathered_in_order_equal_one_run(mixed_file, wide_teacher, engine, tmp_path):
     """Each shard distils its own rows (batches planned within the shard, a partial of
     its own); concatenated in shard order they are the rows of one uninterrupted run."""
-    spec = spec_for(mixed_file, teacher_dir)
+    spec = spec_for(mixed_file, wide_teacher)
     whole = tmp_path / "whole.jsonl"
     one = run_distill(spec, whole, engine=engine)
     parts, summaries = [], []

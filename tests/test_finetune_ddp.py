@@ -73,17 +73,14 @@ def test_a_trainer_worker_runs_a_finetune_job_under_torchrun(
 ):
     """DISTILLERY_TRAIN_PROCS=2: the trainer worker starts the job's child under torchrun;
     rank 0 runs the job (record, progress, output), rank 1 trains its share."""
-    import redis
 
     from api.datasets import save_dataset
     from service.store import ArtifactStore
-    from tests.redis_fixture import stop_process, wait_for
+    from tests.redis_fixture import own_db, stop_process, wait_for
     from workers import records
     from workers.submit import submit
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/9"  # a database of its own: no other workers
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = own_db(redis_server, 9)
     store = ArtifactStore(session_home)
     data = "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS[:7]).encode()
     ds = save_dataset(store, "t", data, "rows.jsonl")["id"]
@@ -133,17 +130,13 @@ def test_torchrun_ranks_exit_when_their_trainer_worker_dies(
     watches the worker's pid and exits, so a retried job never runs twice at once."""
     import signal
 
-    import redis
-
     from api.datasets import save_dataset
     from service.store import ArtifactStore
-    from tests.redis_fixture import stop_process, wait_for
+    from tests.redis_fixture import own_db, stop_process, wait_for
     from workers import records
     from workers.submit import submit
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/10"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = own_db(redis_server, 10)
     store = ArtifactStore(session_home)
     # Long enough (~8000 steps) that the ranks cannot simply finish while the test waits.
     data = "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS * 20).encode()

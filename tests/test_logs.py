@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-import redis
 
 from service import logs
 from tests.conftest import ALPACA_ROWS
@@ -78,11 +77,10 @@ def test_a_worker_logs_json_with_job_and_tenant(redis_server, session_home, tiny
     from api.datasets import save_dataset
     from service.specs import DistillSpec
     from service.store import ArtifactStore, new_id
+    from tests.redis_fixture import own_db
     from workers.submit import submit
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/7"  # a database of its own: no other workers
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = own_db(redis_server, 7)
     store = ArtifactStore(session_home)
     teacher = new_id("model")
     with store.create("model", teacher, tenant="acme", parents=[]) as tmp:

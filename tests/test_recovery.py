@@ -32,20 +32,15 @@ def wait_for(*args, **kwargs):
 
 
 def start_worker(queue: str, url: str, home: Path, log: Path) -> subprocess.Popen:
-    """A worker that notices dead peers fast: heartbeats every second, sweeps every 3."""
-    env = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1",
-               HF_HUB_OFFLINE="1")  # fmt: skip
-    cmd = [sys.executable, "-m", "workers.worker", "--queues", queue,
-           "--monitor-interval", "1", "--maintenance-interval", "3"]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    from tests.redis_fixture import start_worker as start
+
+    return start(queue, url, home, log, fast_recovery=True, HF_HUB_OFFLINE="1")
 
 
 def own_db(redis_server, db: int) -> tuple[str, redis.Redis]:
-    """A database of its own on the session's Redis: no other worker takes its jobs."""
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
-    return url, conn
+    from tests.redis_fixture import own_db as own
+
+    return own(redis_server, db)
 
 
 def children_of(job_id: str) -> list[int]:

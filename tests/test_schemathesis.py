@@ -6,7 +6,6 @@ it submits stay queued and cost nothing."""
 from __future__ import annotations
 
 import pytest
-import redis
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -21,12 +20,10 @@ EXAMPLES = 50  # per operation and mode; about 20 operations: a minute or two on
 def fuzz_target(redis_server):
     """(base URL, API key) of an API on Redis database 5, where no worker listens."""
     from api.app import create_app
-    from tests.redis_fixture import LiveServer
+    from tests.redis_fixture import LiveServer, own_db
     from workers.keys import create_key
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/5"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = own_db(redis_server, 5)
     key = create_key(conn, "fuzz")
     with LiveServer(create_app(url)) as live:
         yield live.url, key

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,25 +35,6 @@ def wait_for(*args, **kwargs):
     return wait(*args, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def wide_teacher(tiny_llama, tmp_path_factory) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-        model.model.embed_tokens.weight[tok.eos_token_id] *= 3.0
-    out = tmp_path_factory.mktemp("wide-teacher")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @dataclass
 class Farm:
     conn: redis.Redis
@@ -63,12 +43,11 @@ class Farm:
 
 
 def start_teacher(name: str, url: str, home: Path, log: Path) -> subprocess.Popen:
+    from tests.redis_fixture import start_worker
+
     # No DISTILLERY_THREADS: the three workers divide this machine's cores between them.
-    env = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1")
-    env.pop("DISTILLERY_THREADS", None)
-    cmd = [sys.executable, "-m", "workers.worker", "--queues", "teacher", "--name", name,
-           "--monitor-interval", "1", "--maintenance-interval", "3"]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return start_worker("teacher", url, home, log, name=name, fast_recovery=True,
+                        DISTILLERY_THREADS=None)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +55,9 @@ def farm(redis_server, session_home, tmp_path_factory):
     """Three teacher workers on a Redis database of their own (no other workers)."""
     from rq import Queue, Worker
 
-    from tests.redis_fixture import stop_process
+    from tests.redis_fixture import own_db, stop_process
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/7"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = own_db(redis_server, 7)
     logs = tmp_path_factory.mktemp("farm-logs")
     procs = {name: start_teacher(name, url, session_home, logs / f"{name}.log") for name in WORKERS}
     try:

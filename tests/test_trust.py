@@ -456,9 +456,7 @@ def test_hostile_queries_and_headers(api):
         assert r.status_code in (401, 403), (auth[:20], r.status_code)
 
 
-def test_the_admin_key_of_the_deployment_is_registered_on_start(
-    redis_server, redis_conn, setting
-):
+def test_the_admin_key_of_the_deployment_is_registered_on_start(redis_server, redis_conn, setting):
     """DISTILLERY_ADMIN_KEY (docker-compose requires it) becomes an admin key when the API
     starts; a short one stops the API."""
     from api.app import create_app

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -105,10 +104,9 @@ def test_a_redis_restart_loses_no_job(tmp_path):
 
 
 def start_teacher(url: str, home: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, REDIS_URL=url, DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "workers.worker", "--queues", "teacher",
-           "--monitor-interval", "1", "--maintenance-interval", "3"]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    from tests.redis_fixture import start_worker
+
+    return start_worker("teacher", url, home, log, fast_recovery=True)
 
 
 @pytest.mark.integration
@@ -119,13 +117,11 @@ def test_a_job_whose_worker_dies_resumes(redis_server, session_home, tiny_llama,
     from api.datasets import save_dataset
     from service.specs import DistillSpec
     from service.store import ArtifactStore
-    from tests.redis_fixture import stop_process, wait_for
+    from tests.redis_fixture import own_db, stop_process, wait_for
     from workers import records
     from workers.submit import submit
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/6"  # a database of its own: no other workers
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = own_db(redis_server, 6)
     store = ArtifactStore(session_home)
     # Enough rows that the kill lands mid-job even on a quiet machine, where the tiny
     # model writes a row in a few milliseconds.
