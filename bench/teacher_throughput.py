@@ -11,7 +11,8 @@ system prompt) and ``distill`` (the SDFT general template on Alpaca rows, built 
 Engines (``--engines``): ``hf1`` and ``hf64`` (``HFEngine``: plain ``generate`` with left
 padding at batch 1, on the first ``--n-batch1`` prompts, and at batch 64), ``fast`` (the
 fast CPU engine), ``fast-draft`` (the same checking 3 looked-up draft tokens per step),
-``fast-int8`` (int8 weights: not exact, "same" then measures its quality cost),
+``fast-sdpa`` (the
+fast engine with SDPA instead of its C decode-attention kernel), ``fast-int8`` (int8 weights: not exact, "same" then measures its quality cost),
 ``distill`` (``run_distill`` on the fast engine: the distillation loop around it, with
 ``--distill-batch`` rows per engine call, judging and output file included; ``distill``
 set only), ``openai`` (``--openai-url``). On a GPU: ``vllm-offline`` (``vllm.LLM.generate``
@@ -125,6 +126,14 @@ class Bench:
                 model=self.model,
                 tokenizer=self.tokenizer,
             )
+        if "fast-sdpa" in names:
+            self.engines["fast-sdpa"] = FastEngine(
+                args.model,
+                slots=args.slots,
+                native_attention=False,
+                model=self.model,
+                tokenizer=self.tokenizer,
+            )
         if "fast-draft" in names:
             self.engines["fast-draft"] = FastEngine(
                 args.model,
@@ -150,7 +159,10 @@ class Bench:
             self.hf.batch_size = 1 if name == "hf1" else 64
             requests = requests[: args.n_batch1] if name == "hf1" else requests
             gens, secs = timed(self.hf, requests, params)
-        elif name in ("fast", "fast-draft", "fast-int8", "openai") and name in self.engines:
+        elif (
+            name in ("fast", "fast-sdpa", "fast-draft", "fast-int8", "openai")
+            and name in self.engines
+        ):
             gens, secs = timed(self.engines[name], requests, params)
         elif name == "distill" and set_name == "distill" and "fast" in self.engines:
             batch = None if args.distill_batch is None else args.distill_batch or len(requests)

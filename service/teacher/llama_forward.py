@@ -130,6 +130,17 @@ class LlamaForward:
             )
         self.packed_rows = 0
         self._cos = self._sin = torch.empty(0)
+        self.native = None  # the C decode-attention kernel, once use_native() found it
+
+    def use_native(self, on: bool = True) -> bool:
+        """Decode steps attend with the C kernel (``native.py``) where it builds here and
+        fits this model (CPU, fp32); True when they now do."""
+        self.native = None
+        if on and self.device.type == "cpu" and self.dtype == torch.float32:
+            from service.teacher.native import decode_attention_kernel
+
+            self.native = decode_attention_kernel()
+        return self.native is not None
 
     def projections(self) -> list[Proj]:
         return [p for b in self.blocks for p in (b.qkv, b.o, b.gate_up, b.down)] + [self.lm_head]
@@ -269,6 +280,10 @@ class LlamaForward:
         width, per_kv = max(counts), self.heads // self.kv_heads
         pos_list = pos.tolist()
         ends = [p + c for p, c in zip(pos_list, counts, strict=True)]
+        if max(ends) > cache.max_len:
+            raise ValueError(f"positions up to {max(ends)} do not fit a cache of {cache.max_len}")
+        if self.native is not None:
+            return self._decode_native(cache, tokens, pos, counts, ends)
         if width == 1:
             slot_of, row_pos, pad_idx = torch.arange(n, device=dev), pos, None
         else:
@@ -325,6 +340,41 @@ class LlamaForward:
                 o = o.view(n, self.kv_heads, width, per_kv, self.head_dim).transpose(1, 2)
                 o = o.reshape(n * width, -1).index_select(0, pad_idx)
             x = x + b.o(o)
+            x = self._mlp(x, b)
+        return self.logits(x)
+
+    def _decode_native(self, cache, tokens, pos, counts, ends) -> torch.Tensor:
+        """:meth:`decode` with the C kernel writing each layer's new keys/values and
+        attending (no masks, groups or padded query rows: it reads each slot to its own
+        length)."""
+        from service.teacher.native import decode_attention
+
+        dev, d = self.device, self.head_dim
+        row_start = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        pos32 = pos.to(torch.int32)
+        row_pos = torch.cat([torch.arange(p, e) for p, e in zip(pos.tolist(), ends, strict=True)])
+        cos_t, sin_t = self._rope_table(max(ends))
+        cos, sin = cos_t[row_pos.to(dev)].unsqueeze(1), sin_t[row_pos.to(dev)].unsqueeze(1)
+        qk_heads = self.heads + self.kv_heads
+        x = F.embedding(tokens, self.embed)
+        r = x.shape[0]
+        for li, b in enumerate(self.blocks):
+            h = rms_norm(x, b.ln1, self.eps)
+            qkv = b.qkv(h)
+            qk = apply_rope(qkv[:, : qk_heads * d].view(r, qk_heads, d), cos, sin)
+            v = qkv[:, qk_heads * d :].view(r, self.kv_heads, d)
+            att = decode_attention(
+                self.native,
+                qk[:, : self.heads],
+                qk[:, self.heads :],
+                v,
+                cache.k[li],
+                cache.v[li],
+                row_start,
+                pos32,
+                self.scaling,
+            )
+            x = x + b.o(att)
             x = self._mlp(x, b)
         return self.logits(x)
 
