@@ -1,4 +1,5 @@
-"""The C decode-attention kernel against SDPA, on the shapes the fast engine feeds it.
+"""The C decode kernels against torch: attention against SDPA, RMSNorm and RoPE against the
+fast engine's torch ops (``llama_forward``), on the shapes the engine feeds them.
 
     .venv/bin/python -m pytest -q tests/test_native.py
 """
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from service.teacher import native
+from service.teacher.llama_forward import apply_rope, rms_norm
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("gcc") or shutil.which("cc")), reason="no C compiler here"
@@ -23,8 +25,9 @@ def kernel(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("DISTILLERY_KERNEL_DIR", str(tmp_path_factory.mktemp("kernels")))
     native._loaded.clear()
-    fn = native.decode_attention_kernel()
-    yield fn
+    k = native.kernels()
+    assert k is not None
+    yield k
     mp.undo()
     native._loaded.clear()
 
@@ -78,8 +81,7 @@ def test_kernel_equals_sdpa_and_writes_the_cache(kernel, heads, kv_heads, d, cou
         want_v[s, :, p : p + c] = v_new[row : row + c].transpose(0, 1)
         row += c
     row_start = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    out = native.decode_attention(
-        kernel,
+    out = kernel.attention(
         q,
         k_new,
         v_new,
@@ -100,19 +102,51 @@ def test_bad_inputs_are_refused(kernel):
     cache = torch.zeros(2, 2, 8, 64)
     idx = torch.tensor([0, 1, 2], dtype=torch.int32)
     with pytest.raises(ValueError, match="float32"):
-        native.decode_attention(kernel, q, k, k, cache, cache, idx, idx[:2], 0.1)
+        kernel.attention(q, k, k, cache, cache, idx, idx[:2], 0.1)
     with pytest.raises(ValueError, match="contiguous"):
-        native.decode_attention(
-            kernel, q.float(), k, k, cache.transpose(2, 3), cache, idx, idx[:2], 0.1
-        )
+        kernel.attention(q.float(), k, k, cache.transpose(2, 3), cache, idx, idx[:2], 0.1)
+    with pytest.raises(ValueError, match="int32"):
+        kernel.attention(q.float(), k, k, cache, cache, idx.long(), idx[:2], 0.1)
+    with pytest.raises(ValueError, match="float32"):
+        kernel.add_rms_norm(torch.randn(2, 8).double(), None, torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="shaped like"):
+        kernel.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.rope(torch.randn(2, 8, 3).transpose(1, 2), torch.ones(2, 8), torch.ones(2, 8))
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 576), (64, 576), (7, 100), (300, 1024)])
+def test_add_rms_norm_matches_torch(kernel, rows, dim):
+    torch.manual_seed(rows)
+    x, delta, w = torch.randn(rows, dim), torch.randn(rows, dim), torch.randn(dim)
+    want_x = x + delta  # the residual add: torch's bits exactly
+    want = rms_norm(want_x, w, 1e-5)
+    got = kernel.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(x, want_x)
+    # Only the sum of squares adds up in another order: a few units in the last place.
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    assert torch.equal(kernel.add_rms_norm(want_x.clone(), None, w, 1e-5), got)
+
+
+def test_rope_matches_torch_bit_for_bit(kernel):
+    torch.manual_seed(0)
+    rows, heads, d = 5, 12, 64
+    qkv = torch.randn(rows, (heads + 3) * d)  # the q/k part of a q/k/v product
+    cos, sin = torch.randn(rows, d), torch.randn(rows, d)
+    x = qkv[:, : heads * d].view(rows, heads, d)
+    want = apply_rope(x, cos.unsqueeze(1), sin.unsqueeze(1))
+    v_before = qkv[:, heads * d :].clone()
+    kernel.rope(x, cos, sin)
+    assert torch.equal(x, want)
+    assert torch.equal(qkv[:, heads * d :], v_before)  # v untouched
 
 
 def test_switch_off_and_a_broken_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("DISTILLERY_NATIVE", "0")
-    assert native.decode_attention_kernel() is None
+    assert native.kernels() is None
     monkeypatch.delenv("DISTILLERY_NATIVE")
     monkeypatch.setenv("DISTILLERY_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     monkeypatch.setattr(native, "_loaded", {})
-    assert native.decode_attention_kernel() is None  # SDPA then, with a warning
+    assert native.kernels() is None  # torch and SDPA then, with a warning
     assert not list(tmp_path.glob("*.so"))

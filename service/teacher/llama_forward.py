@@ -130,16 +130,18 @@ class LlamaForward:
             )
         self.packed_rows = 0
         self._cos = self._sin = torch.empty(0)
-        self.native = None  # the C decode-attention kernel, once use_native() found it
+        self.native = None  # the C decode kernels, once use_native() found them
 
     def use_native(self, on: bool = True) -> bool:
-        """Decode steps attend with the C kernel (``native.py``) where it builds here and
-        fits this model (CPU, fp32); True when they now do."""
+        """Decode steps run on the C kernels (``native.py``) where they build here and fit
+        this model (CPU, fp32, RoPE over the whole head); True when they now do."""
         self.native = None
+        rotary_dim = self._rope_table(1)[0].shape[-1]
         if on and self.device.type == "cpu" and self.dtype == torch.float32:
-            from service.teacher.native import decode_attention_kernel
+            if rotary_dim == self.head_dim and self.head_dim % 2 == 0:
+                from service.teacher.native import kernels
 
-            self.native = decode_attention_kernel()
+                self.native = kernels()
         return self.native is not None
 
     def projections(self) -> list[Proj]:
@@ -344,39 +346,42 @@ class LlamaForward:
         return self.logits(x)
 
     def _decode_native(self, cache, tokens, pos, counts, ends) -> torch.Tensor:
-        """:meth:`decode` with the C kernel writing each layer's new keys/values and
-        attending (no masks, groups or padded query rows: it reads each slot to its own
-        length)."""
-        from service.teacher.native import decode_attention
-
-        dev, d = self.device, self.head_dim
+        """:meth:`decode` on the C kernels: RMSNorm fused with the residual add before it,
+        RoPE in place on the q/k product, and one attention call per layer that writes the
+        new keys/values and reads each slot to its own length (no masks, groups or padded
+        query rows). The same operations as the torch path, in the same order."""
+        nk, d = self.native, self.head_dim
         row_start = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         pos32 = pos.to(torch.int32)
         row_pos = torch.cat([torch.arange(p, e) for p, e in zip(pos.tolist(), ends, strict=True)])
         cos_t, sin_t = self._rope_table(max(ends))
-        cos, sin = cos_t[row_pos.to(dev)].unsqueeze(1), sin_t[row_pos.to(dev)].unsqueeze(1)
-        qk_heads = self.heads + self.kv_heads
-        x = F.embedding(tokens, self.embed)
+        row_pos = row_pos.to(self.device)
+        cos, sin = cos_t[row_pos].contiguous(), sin_t[row_pos].contiguous()
+        qd, kd = self.heads * d, self.kv_heads * d
+        x = F.embedding(tokens, self.embed)  # a fresh tensor: updated in place below
         r = x.shape[0]
+        h = torch.empty_like(x)
+        delta = None  # the last block's MLP output, added to x by the next norm
         for li, b in enumerate(self.blocks):
-            h = rms_norm(x, b.ln1, self.eps)
+            nk.add_rms_norm(x, delta, b.ln1, self.eps, out=h)
             qkv = b.qkv(h)
-            qk = apply_rope(qkv[:, : qk_heads * d].view(r, qk_heads, d), cos, sin)
-            v = qkv[:, qk_heads * d :].view(r, self.kv_heads, d)
-            att = decode_attention(
-                self.native,
-                qk[:, : self.heads],
-                qk[:, self.heads :],
-                v,
+            nk.rope(qkv[:, : qd + kd].view(r, self.heads + self.kv_heads, d), cos, sin)
+            att = nk.attention(
+                qkv[:, :qd].view(r, self.heads, d),
+                qkv[:, qd : qd + kd].view(r, self.kv_heads, d),
+                qkv[:, qd + kd :].view(r, self.kv_heads, d),
                 cache.k[li],
                 cache.v[li],
                 row_start,
                 pos32,
                 self.scaling,
             )
-            x = x + b.o(att)
-            x = self._mlp(x, b)
-        return self.logits(x)
+            nk.add_rms_norm(x, b.o(att), b.ln2, self.eps, out=h)
+            gu = b.gate_up(h)
+            i = self.intermediate
+            delta = b.down(F.silu(gu[:, :i]) * gu[:, i:])
+        nk.add_rms_norm(x, delta, self.norm, self.eps, out=h)
+        return self.lm_head(h)
 
     def _decode_mask(self, pos: torch.Tensor, counts: list[int], width: int, length: int):
         """Boolean [slots, 1, query rows, keys]: the slot's token j sees keys up to pos + j."""
