@@ -96,6 +96,34 @@ def test_kernel_equals_sdpa_and_writes_the_cache(kernel, heads, kv_heads, d, cou
     torch.testing.assert_close(out.view(rows, -1), ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("d,counts", [(64, [1, 1, 3, 1, 2]), (32, [1, 2])])
+def test_shared_prefix_gives_the_same_bits(kernel, d, counts):
+    """Keys/values of a prefix every slot holds, read from one shared copy: same output,
+    bit for bit (same values, same order of the sums), register path and generic path."""
+    torch.manual_seed(1)
+    heads, kv_heads, P, max_len = 9, 3, 21, 90
+    slots, rows = len(counts), sum(counts)
+    k_cache = torch.randn(slots, kv_heads, max_len, d)
+    v_cache = torch.randn(slots, kv_heads, max_len, d)
+    k_cache[:, :, :P] = k_cache[0, :, :P]  # every slot holds the same prefix
+    v_cache[:, :, :P] = v_cache[0, :, :P]
+    pk, pv = k_cache[0, :, :P].clone(), v_cache[0, :, :P].clone()
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d)
+    q = qkv[:, : heads * d].view(rows, heads, d)
+    k_new = qkv[:, heads * d : (heads + kv_heads) * d].view(rows, kv_heads, d)
+    v_new = qkv[:, (heads + kv_heads) * d :].view(rows, kv_heads, d)
+    row_start = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    pos = torch.tensor([P + 3 * s for s in range(slots)], dtype=torch.int32)
+    args = (q, k_new, v_new)
+    own = kernel.attention(*args, k_cache.clone(), v_cache.clone(), row_start, pos, 0.125)
+    k_cache[:, :, :P] = 0  # the slots' copies are not read with a shared prefix
+    v_cache[:, :, :P] = 0
+    shared = kernel.attention(*args, k_cache, v_cache, row_start, pos, 0.125, (pk, pv))
+    assert torch.equal(own, shared)
+    with pytest.raises(ValueError, match="prefix"):
+        kernel.attention(*args, k_cache, v_cache, row_start, pos - P, 0.125, (pk, pv))
+
+
 def test_bad_inputs_are_refused(kernel):
     q = torch.randn(2, 4, 64, dtype=torch.float64)
     k = torch.randn(2, 2, 64)

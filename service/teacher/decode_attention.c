@@ -9,6 +9,9 @@
  *
  * Layout (one layer): k_cache, v_cache [slots, kv_heads, max_len, d] contiguous; token row
  * r of slot s is row row_start[s] + j at position pos[s] + j and sees keys 0..pos[s] + j.
+ * With P > 0, positions 0..P-1 (a prompt prefix every slot shares) are read from
+ * prefix_k, prefix_v [kv_heads, P, d] instead of each slot's copy: the same values, read
+ * once for all slots instead of once per slot.
  * q [rows, heads, d] with row stride q_stride; k_new, v_new [rows, kv_heads, d] with their
  * own row strides; out [rows, heads, d] contiguous. Query head hq uses key/value head
  * hq / (heads / kv_heads), as grouped-query attention does.
@@ -26,13 +29,6 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 static inline v16 ld(const float *p) { return *(const v16u *)p; }
 static inline void st(float *p, v16 v) { *(v16u *)p = v; }
-static inline float hsum(v16 v)
-{
-    float s = 0.f;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
-}
-
 #define MAX_ROWS 12 /* query rows per (slot, key/value head) with a register path */
 #define SV __builtin_shufflevector
 /* lane i of the result = the sum of a[i]'s 16 lanes: four rounds of pairwise
@@ -54,38 +50,51 @@ static inline v16 reduce16(const v16 *a)
 }
 
 /* The scores and the weighted sum for head_dim 64 and a constant number of query rows,
- * with the queries and the accumulators held in registers. */
+ * with the queries and the accumulators held in registers. Keys/values 0..P-1 are read
+ * from the shared prefix (pk, pv), the rest from the slot's own cache (K, V); the keys
+ * are visited in the same order either way, so the sums are the same. */
 static inline __attribute__((always_inline)) void block64(
-    const int R, const float *const *qr, const float *K, const float *V, int L, int p0,
-    int per, float scale, float *buf, float **dst)
+    const int R, const float *const *qr, const float *pk, const float *pv, int P,
+    const float *K, const float *V, int L, int p0, int per, float scale, float *buf,
+    float **dst)
 {
     v16 qv[R][4], acc[R][4];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < 4; i++) qv[r][i] = ld(qr[r] + 16 * i), acc[r][i] = (v16){0};
-    int j0 = 0;
-    for (; j0 + 16 <= L; j0 += 16) {
-        v16 t[R][16];
-        for (int jj = 0; jj < 16; jj++) {
-            const float *kj = K + (int64_t)(j0 + jj) * 64;
-            const v16 k0 = ld(kj), k1 = ld(kj + 16), k2 = ld(kj + 32), k3 = ld(kj + 48);
-            /* Fetch ahead: this block's keys 8 rows on, and the values the second pass
-             * reads; with both streams in flight the pass runs near the memory's rate
-             * (measured: 26 -> 20 ms a step, against 19 ms for reading the bytes). */
-            for (int i = 0; i < 64; i += 16) {
-                __builtin_prefetch(kj + 8 * 64 + i);
-                __builtin_prefetch(V + (int64_t)(j0 + jj) * 64 + i);
+    for (int seg = 0; seg < 2; seg++) {
+        const int off = seg ? P : 0, n = seg ? L - P : P;
+        const float *Ks = seg ? K + (int64_t)P * 64 : pk, *Vs = seg ? V + (int64_t)P * 64 : pv;
+        /* Every score comes out of reduce16, a partial last block padded with zeros, so
+         * a key's score does not depend on where a block starts. */
+        for (int j0 = 0; j0 < n; j0 += 16) {
+            const int m = n - j0 < 16 ? n - j0 : 16;
+            v16 t[R][16];
+            for (int jj = 0; jj < 16; jj++) {
+                if (jj >= m) {
+                    for (int r = 0; r < R; r++) t[r][jj] = (v16){0};
+                    continue;
+                }
+                const float *kj = Ks + (int64_t)(j0 + jj) * 64;
+                const v16 k0 = ld(kj), k1 = ld(kj + 16), k2 = ld(kj + 32), k3 = ld(kj + 48);
+                /* Fetch ahead: these keys 8 rows on, and the values the second pass reads;
+                 * with both streams in flight the pass runs near the memory's rate
+                 * (measured: 26 -> 20 ms a step, against 19 ms for reading the bytes). */
+                for (int i = 0; i < 64; i += 16) {
+                    __builtin_prefetch(kj + 8 * 64 + i);
+                    __builtin_prefetch(Vs + (int64_t)(j0 + jj) * 64 + i);
+                }
+                for (int r = 0; r < R; r++)
+                    t[r][jj] = qv[r][0] * k0 + qv[r][1] * k1 + qv[r][2] * k2 + qv[r][3] * k3;
             }
-            for (int r = 0; r < R; r++)
-                t[r][jj] = qv[r][0] * k0 + qv[r][1] * k1 + qv[r][2] * k2 + qv[r][3] * k3;
+            for (int r = 0; r < R; r++) {
+                const v16 sc = reduce16(t[r]) * scale;
+                float *o = buf + (int64_t)r * L + off + j0;
+                if (m == 16)
+                    st(o, sc);
+                else
+                    for (int i = 0; i < m; i++) o[i] = sc[i];
+            }
         }
-        for (int r = 0; r < R; r++) st(buf + (int64_t)r * L + j0, reduce16(t[r]) * scale);
-    }
-    for (int j = j0; j < L; j++) {
-        const float *kj = K + (int64_t)j * 64;
-        const v16 k0 = ld(kj), k1 = ld(kj + 16), k2 = ld(kj + 32), k3 = ld(kj + 48);
-        for (int r = 0; r < R; r++)
-            buf[(int64_t)r * L + j] =
-                hsum(qv[r][0] * k0 + qv[r][1] * k1 + qv[r][2] * k2 + qv[r][3] * k3) * scale;
     }
     float sums[R];
     for (int r = 0; r < R; r++) {
@@ -101,12 +110,17 @@ static inline __attribute__((always_inline)) void block64(
         for (int j = lim; j < L; j++) row[j] = 0.f;
         sums[r] = sum;
     }
-    for (int j = 0; j < L; j++) {
-        const float *vj = V + (int64_t)j * 64;
-        const v16 v0 = ld(vj), v1 = ld(vj + 16), v2 = ld(vj + 32), v3 = ld(vj + 48);
-        for (int r = 0; r < R; r++) {
-            const float w = buf[(int64_t)r * L + j];
-            acc[r][0] += w * v0, acc[r][1] += w * v1, acc[r][2] += w * v2, acc[r][3] += w * v3;
+    for (int seg = 0; seg < 2; seg++) {
+        const int off = seg ? P : 0, n = seg ? L - P : P;
+        const float *Vs = seg ? V + (int64_t)P * 64 : pv;
+        for (int j = 0; j < n; j++) {
+            const float *vj = Vs + (int64_t)j * 64;
+            const v16 v0 = ld(vj), v1 = ld(vj + 16), v2 = ld(vj + 32), v3 = ld(vj + 48);
+            for (int r = 0; r < R; r++) {
+                const float w = buf[(int64_t)r * L + off + j];
+                acc[r][0] += w * v0, acc[r][1] += w * v1, acc[r][2] += w * v2,
+                    acc[r][3] += w * v3;
+            }
         }
     }
     for (int r = 0; r < R; r++) {
@@ -121,6 +135,7 @@ int distillery_decode_attention(
     const float *v_new, int64_t v_stride,
     float *k_cache, float *v_cache, int64_t max_len,
     const int32_t *row_start, const int32_t *pos,
+    const float *prefix_k, const float *prefix_v, int P,
     float *out,
     int n_slots, int heads, int kv_heads, int d, float scale, int threads)
 {
@@ -134,9 +149,12 @@ int distillery_decode_attention(
         for (int64_t t = 0; t < (int64_t)n_slots * kv_heads; t++) {
             const int s = (int)(t / kv_heads), h = (int)(t % kv_heads);
             const int r0 = row_start[s], cnt = row_start[s + 1] - r0, p0 = pos[s];
-            if (cnt <= 0 || p0 + cnt > max_len) continue;
+            if (cnt <= 0 || p0 + cnt > max_len || p0 < P) continue;
             float *K = k_cache + ((int64_t)s * kv_heads + h) * max_len * d;
             float *V = v_cache + ((int64_t)s * kv_heads + h) * max_len * d;
+            /* this head's shared prefix, or the slot's own copy of it */
+            const float *pk = P ? prefix_k + (int64_t)h * P * d : K;
+            const float *pv = P ? prefix_v + (int64_t)h * P * d : V;
             for (int j = 0; j < cnt; j++) {
                 memcpy(K + (int64_t)(p0 + j) * d, k_new + (int64_t)(r0 + j) * k_stride + h * d,
                        sizeof(float) * d);
@@ -165,7 +183,7 @@ int distillery_decode_attention(
                     qr[r] = q + (int64_t)(r0 + r / per) * q_stride + (int64_t)(h * per + r % per) * d;
                     dst[r] = out + ((int64_t)(r0 + r / per) * heads + h * per + r % per) * d;
                 }
-#define CASE(n) case n: block64(n, qr, K, V, L, p0, per, scale, buf, dst); break;
+#define CASE(n) case n: block64(n, qr, pk, pv, P, K, V, L, p0, per, scale, buf, dst); break;
                 switch (R) {
                 CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
                 CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
@@ -175,7 +193,7 @@ int distillery_decode_attention(
             }
             /* scores: row r = token r / per, query head h * per + r % per */
             for (int j = 0; j < L; j++) {
-                const float *kj = K + (int64_t)j * d;
+                const float *kj = (j < P ? pk : K) + (int64_t)j * d;
                 for (int r = 0; r < R; r++) {
                     const float *qr = q + (int64_t)(r0 + r / per) * q_stride
                                       + (int64_t)(h * per + r % per) * d;
@@ -201,7 +219,7 @@ int distillery_decode_attention(
             }
             memset(acc, 0, sizeof(float) * R * d);
             for (int j = 0; j < L; j++) {
-                const float *vj = V + (int64_t)j * d;
+                const float *vj = (j < P ? pv : V) + (int64_t)j * d;
                 for (int r = 0; r < R; r++) {
                     const float w = buf[(int64_t)r * L + j];
                     float *a = acc + (int64_t)r * d;

@@ -36,7 +36,9 @@ class SlotCache:
 
     def save(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``length`` positions of a slot (a shared prompt prefix), copied out."""
-        return self.k[:, slot, :, :length].clone(), self.v[:, slot, :, :length].clone()
+        k, v = self.k[:, slot, :, :length], self.v[:, slot, :, :length]
+        fmt = torch.contiguous_format  # the C decode kernel reads it as one block per layer
+        return k.clone(memory_format=fmt), v.clone(memory_format=fmt)
 
     def load(self, slot: int, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
         k, v = saved

@@ -269,6 +269,7 @@ class LlamaForward:
         pos: torch.Tensor,
         counts: list[int] | None = None,
         groups: list[tuple[int, int]] | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Decode step for slots ``0..n-1``; logits [rows, V].
 
@@ -276,7 +277,9 @@ class LlamaForward:
         tokens to check, at positions ``pos[i], pos[i] + 1, ...``; ``tokens`` holds them
         slot after slot. ``groups``: contiguous slot ranges ``(a, b)`` attended separately,
         each over its own longest length, so a short sequence does not read keys up to the
-        longest one's (``kv.split_by_length`` picks them)."""
+        longest one's (``kv.split_by_length`` picks them). ``prefix``: the shared prompt
+        prefix's keys/values [layers, kv_heads, P, d] that every slot holds at positions
+        0..P-1 (``SlotCache.save``); the C kernel reads them once for all slots."""
         n, dev = pos.shape[0], self.device
         counts = counts or [1] * n
         width, per_kv = max(counts), self.heads // self.kv_heads
@@ -285,7 +288,7 @@ class LlamaForward:
         if max(ends) > cache.max_len:
             raise ValueError(f"positions up to {max(ends)} do not fit a cache of {cache.max_len}")
         if self.native is not None:
-            return self._decode_native(cache, tokens, pos, counts, ends)
+            return self._decode_native(cache, tokens, pos, counts, ends, prefix)
         if width == 1:
             slot_of, row_pos, pad_idx = torch.arange(n, device=dev), pos, None
         else:
@@ -345,7 +348,7 @@ class LlamaForward:
             x = self._mlp(x, b)
         return self.logits(x)
 
-    def _decode_native(self, cache, tokens, pos, counts, ends) -> torch.Tensor:
+    def _decode_native(self, cache, tokens, pos, counts, ends, prefix) -> torch.Tensor:
         """:meth:`decode` on the C kernels: RMSNorm fused with the residual add before it,
         RoPE in place on the q/k product, and one attention call per layer that writes the
         new keys/values and reads each slot to its own length (no masks, groups or padded
@@ -375,6 +378,7 @@ class LlamaForward:
                 row_start,
                 pos32,
                 self.scaling,
+                None if prefix is None else (prefix[0][li], prefix[1][li]),
             )
             nk.add_rms_norm(x, b.o(att), b.ln2, self.eps, out=h)
             gu = b.gate_up(h)

@@ -97,7 +97,7 @@ class Kernels:
         lib = ctypes.CDLL(str(path))
         i64, i32, f32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         self._attention = lib.distillery_decode_attention
-        self._attention.argtypes = [p, i64, p, i64, p, i64, p, p, i64, p, p, p]
+        self._attention.argtypes = [p, i64, p, i64, p, i64, p, p, i64, p, p, p, p, i32, p]
         self._attention.argtypes += [i32, i32, i32, i32, f32, i32]
         self._attention.restype = ctypes.c_int
         self._norm = lib.distillery_add_rms_norm
@@ -107,14 +107,17 @@ class Kernels:
         self._rope.argtypes = [p, i64, p, p, i64, i64, i64]
         self._rope.restype = None
 
-    def attention(self, q, k_new, v_new, k_cache, v_cache, row_start, pos, scale) -> torch.Tensor:
+    def attention(
+        self, q, k_new, v_new, k_cache, v_cache, row_start, pos, scale, prefix=None
+    ) -> torch.Tensor:
         """Write ``k_new``/``v_new`` into one layer's cache and attend; [rows, heads * d].
 
         ``q`` [rows, heads, d], ``k_new``/``v_new`` [rows, kv_heads, d] (row-strided views
         are fine; each row's heads must be contiguous), caches [slots, kv_heads, max_len,
         d] contiguous, ``row_start`` int32 [slots + 1], ``pos`` int32 [slots]: slot s's
         rows are ``row_start[s]..row_start[s+1]-1`` at positions ``pos[s], pos[s] + 1, ...``
-        (the caller keeps them inside ``max_len``)."""
+        (the caller keeps them inside ``max_len``). ``prefix``: (keys, values) [kv_heads, P,
+        d] that every slot holds at positions 0..P-1; read from there instead."""
         rows, heads, d = q.shape
         for t in (q, k_new, v_new):
             if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != d:
@@ -123,6 +126,16 @@ class Kernels:
             raise ValueError("the caches must be contiguous")
         if row_start.dtype != torch.int32 or pos.dtype != torch.int32:
             raise ValueError("row_start and pos must be int32")
+        pk, pv = prefix if prefix is not None else (None, None)
+        P = 0 if pk is None else pk.shape[1]
+        if P and not (
+            pk.shape == pv.shape == (k_new.shape[1], P, d)
+            and pk.is_contiguous()
+            and pv.is_contiguous()
+            and pk.dtype == pv.dtype == torch.float32
+            and int(pos.min()) >= P
+        ):
+            raise ValueError("prefix must be contiguous float32 [kv_heads, P, d] before every pos")
         out = torch.empty(rows, heads * d)
         rc = self._attention(
             q.data_ptr(),
@@ -136,6 +149,9 @@ class Kernels:
             k_cache.shape[2],
             row_start.data_ptr(),
             pos.data_ptr(),
+            pk.data_ptr() if P else None,
+            pv.data_ptr() if P else None,
+            P,
             out.data_ptr(),
             pos.shape[0],
             heads,

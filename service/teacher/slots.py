@@ -149,6 +149,7 @@ class SlotRun:
             torch.tensor(self.pos, device=dev),
             counts,
             groups,
+            self.saved,
         )
         picked = self.pick(logits, self.params, self.gens_for(self.req))
         self.stats["steps"] += 1
