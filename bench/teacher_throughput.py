@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench.roofline import Machine, memory_bound, workload_flops
+from bench.roofline import Machine, memory_bound, streamed_matmul_rate, workload_flops
 from service.specs import DistillSpec
 from service.teacher.base import GenParams, Request
 
@@ -297,13 +297,16 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             bench.machine.measure()
     m = bench.machine
+    streamed = streamed_matmul_rate(bench.model.config)
     print(
         f"\nthreads {torch.get_num_threads()}; best rates seen: fp32 matrix products "
-        f"{m.rate:.0f} GFLOP/s, memory read {m.bandwidth:.1f} GB/s"
+        f"{m.rate:.0f} GFLOP/s, memory read {m.bandwidth:.1f} GB/s; block products at 64 "
+        f"rows with the weights streamed from memory {streamed:.0f} GFLOP/s"
     )
     report = {
         "threads": torch.get_num_threads(),
         "rate_gflops": m.rate,
+        "streamed_rate_gflops_64_rows": streamed,
         "bandwidth_gbs": m.bandwidth,
         "sets": {},
     }
