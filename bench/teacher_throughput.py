@@ -11,8 +11,9 @@ system prompt) and ``distill`` (the SDFT general template on Alpaca rows, built 
 Engines (``--engines``): ``hf1`` and ``hf64`` (``HFEngine``: plain ``generate`` with left
 padding at batch 1, on the first ``--n-batch1`` prompts, and at batch 64), ``fast`` (the
 fast CPU engine), ``fast-draft`` (the same checking 3 looked-up draft tokens per step),
-``fast-sdpa`` (the
-fast engine with SDPA instead of its C decode-attention kernel), ``fast-int8`` (int8 weights: not exact, "same" then measures its quality cost),
+``fast-torch`` (the
+fast engine without its C decode kernels: torch ops and SDPA), ``fast-int8`` (int8
+weights: not exact, "same" then measures its quality cost),
 ``distill`` (``run_distill`` on the fast engine: the distillation loop around it, with
 ``--distill-batch`` rows per engine call, judging and output file included; ``distill``
 set only), ``openai`` (``--openai-url``). On a GPU: ``vllm-offline`` (``vllm.LLM.generate``
@@ -126,11 +127,11 @@ class Bench:
                 model=self.model,
                 tokenizer=self.tokenizer,
             )
-        if "fast-sdpa" in names:
-            self.engines["fast-sdpa"] = FastEngine(
+        if "fast-torch" in names:
+            self.engines["fast-torch"] = FastEngine(
                 args.model,
                 slots=args.slots,
-                native_attention=False,
+                native=False,
                 model=self.model,
                 tokenizer=self.tokenizer,
             )
@@ -160,7 +161,7 @@ class Bench:
             requests = requests[: args.n_batch1] if name == "hf1" else requests
             gens, secs = timed(self.hf, requests, params)
         elif (
-            name in ("fast", "fast-sdpa", "fast-draft", "fast-int8", "openai")
+            name in ("fast", "fast-torch", "fast-draft", "fast-int8", "openai")
             and name in self.engines
         ):
             gens, secs = timed(self.engines[name], requests, params)

@@ -133,7 +133,7 @@ def test_fast_greedy_equals_generate_with_refill(hf, fast):
         pack_weights=False,
         attn_groups=1,
         lookahead=0,
-        native_attention=False,
+        native=False,
         model=fast.model,
         tokenizer=fast.tokenizer,
     )

@@ -16,10 +16,12 @@ machine's matrix-product rate), this engine does the following instead:
 - a pre-allocated cache written in place, and a forward pass written out on the model's
   own weights (``llama_forward.py``) with fused q/k/v and gate/up products, weights
   pre-packed for MKL (``proj.py``), and the LM head only where a token is picked;
-- decode-step attention in a small C kernel (``decode_attention.c``, built on first use,
-  ``native.py``) that writes the new keys/values and reads each slot's cache once, to
-  its own length, near the memory's rate (SDPA over length groups of slots where it
-  cannot be built, or with ``native_attention=False``);
+- decode steps on small C kernels (built on first use, ``native.py``): attention
+  (``decode_attention.c``) that writes the new keys/values and reads each slot's cache
+  once, to its own length, and the shared prefix once for all slots, near the memory's
+  rate; RMSNorm fused with the residual add, and RoPE (``decode_ops.c``). Where they
+  cannot be built, or with ``native=False``, the same steps run as torch ops, attention
+  in SDPA over length groups of slots;
 - greedy decoding checks up to ``lookahead`` draft tokens per slot and step, looked up in
   the sequence's own prompt and text (``lookup.py``): a decode step streams every weight
   and cached key from memory, and an accepted draft saves a whole step. The kept tokens
@@ -29,7 +31,7 @@ Options: ``slots`` (live sequences; more slots amortise each weight pass over mo
 tokens), ``lookahead`` (draft tokens checked per step; 0, the default, turns drafting
 off), ``weights`` (``fp32``, exact, or ``int8``: faster, not exact, see ``proj.py`` and
 docs/performance.md for its measured cost), ``share_prefix``, ``pack_weights``,
-``attn_groups``, ``native_attention``, ``prefill_tokens`` (prompt tokens prefilled together), ``threads``.
+``attn_groups``, ``native``, ``prefill_tokens`` (prompt tokens prefilled together), ``threads``.
 
 Greedy output equals ``generate``'s token for token up to fp32 reduction order (see
 ``llama_forward.py``; ``tests/test_engines.py`` checks it). Sampling draws request ``i``'s
@@ -78,7 +80,7 @@ class FastEngine(TeacherEngine):
         pack_weights: bool = True,
         lookahead: int = 0,
         weights: str = "fp32",
-        native_attention: bool = True,
+        native: bool = True,
         threads: int | None = None,
         model=None,
         tokenizer=None,
@@ -113,7 +115,7 @@ class FastEngine(TeacherEngine):
                 self.forward.quantize_int8()
             elif weights != "fp32":
                 raise ValueError(f"weights is 'fp32' (exact) or 'int8', not {weights!r}")
-            self.forward.use_native(native_attention)
+            self.forward.use_native(native)
 
     def generate(
         self, requests: list[Request], params: GenParams, seeds: list[int] | None = None
