@@ -129,6 +129,7 @@ class LlamaForward:
                 )
             )
         self.packed_rows = 0
+        self.int8 = False  # quantize_int8() ran: products ignore the packed weights
         self._cos = self._sin = torch.empty(0)
         self.native = None  # the C decode kernels, once use_native() found them
 
@@ -170,6 +171,7 @@ class LlamaForward:
             raise ValueError("int8 weights are a CPU fp32 option")
         for p in self.projections():
             p.quantize()
+        self.int8 = True
 
     def cache_bytes(self, slots: int, max_len: int) -> int:
         per = self.layers * self.kv_heads * max_len * self.head_dim * self.embed.element_size()
@@ -352,13 +354,23 @@ class LlamaForward:
         """:meth:`decode` on the C kernels: RMSNorm fused with the residual add before it,
         RoPE in place on the q/k product, and one attention call per layer that writes the
         new keys/values and reads each slot to its own length (no masks, groups or padded
-        query rows). The same operations as the torch path, in the same order."""
+        query rows). The same operations as the torch path, in the same order.
+
+        When the step has fewer rows than the weights are packed for (but at least half,
+        where ``Proj`` would pad every product's input with zero rows), the whole step
+        runs on that many rows instead: dummy rows of token 0 at position 0 whose results
+        are dropped, so no product pads or slices (a matrix row's result does not depend
+        on the other rows)."""
         nk, d = self.native, self.head_dim
         row_start = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         pos32 = pos.to(torch.int32)
         row_pos = torch.cat([torch.arange(p, e) for p, e in zip(pos.tolist(), ends, strict=True)])
         cos_t, sin_t = self._rope_table(max(ends))
         row_pos = row_pos.to(self.device)
+        real, m = tokens.shape[0], self.packed_rows
+        if real < m <= 2 * real and not self.int8:
+            tokens = torch.cat([tokens, tokens.new_zeros(m - real)])
+            row_pos = torch.cat([row_pos, row_pos.new_zeros(m - real)])
         cos, sin = cos_t[row_pos].contiguous(), sin_t[row_pos].contiguous()
         qd, kd = self.heads * d, self.kv_heads * d
         x = F.embedding(tokens, self.embed)  # a fresh tensor: updated in place below
@@ -385,7 +397,8 @@ class LlamaForward:
             i = self.intermediate
             delta = b.down(F.silu(gu[:, :i]) * gu[:, i:])
         nk.add_rms_norm(x, delta, self.norm, self.eps, out=h)
-        return self.lm_head(h)
+        logits = self.lm_head(h)
+        return logits if r == real else logits[:real]
 
     def _decode_mask(self, pos: torch.Tensor, counts: list[int], width: int, length: int):
         """Boolean [slots, 1, query rows, keys]: the slot's token j sees keys up to pos + j."""

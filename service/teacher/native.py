@@ -137,6 +137,9 @@ class Kernels:
         ):
             raise ValueError("prefix must be contiguous float32 [kv_heads, P, d] before every pos")
         out = torch.empty(rows, heads * d)
+        used = int(row_start[-1])
+        if used < rows:  # rows past the slots' (dummy rows): zeros, not garbage
+            out[used:].zero_()
         rc = self._attention(
             q.data_ptr(),
             q.stride(0),
