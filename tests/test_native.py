@@ -135,6 +135,10 @@ def test_bad_inputs_are_refused(kernel):
         kernel.attention(q.float(), k, k, cache.transpose(2, 3), cache, idx, idx[:2], 0.1)
     with pytest.raises(ValueError, match="int32"):
         kernel.attention(q.float(), k, k, cache, cache, idx.long(), idx[:2], 0.1)
+    with pytest.raises(ValueError, match="row_start"):  # 3 rows claimed, q has 2
+        kernel.attention(q.float(), k, k, cache, cache, idx + 1, idx[:2], 0.1)
+    with pytest.raises(ValueError, match="row_start"):  # one slot too many
+        kernel.attention(q.float(), k, k, cache, cache, idx, idx, 0.1)
     with pytest.raises(ValueError, match="float32"):
         kernel.add_rms_norm(torch.randn(2, 8).double(), None, torch.ones(8), 1e-5)
     with pytest.raises(ValueError, match="shaped like"):

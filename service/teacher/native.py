@@ -136,8 +136,10 @@ class Kernels:
             and int(pos.min()) >= P
         ):
             raise ValueError("prefix must be contiguous float32 [kv_heads, P, d] before every pos")
-        out = torch.empty(rows, heads * d)
         used = int(row_start[-1])
+        if row_start.shape[0] != pos.shape[0] + 1 or used > rows or k_new.shape[0] != rows:
+            raise ValueError("row_start must be [slots + 1] and its rows within q, k and v")
+        out = torch.empty(rows, heads * d)
         if used < rows:  # rows past the slots' (dummy rows): zeros, not garbage
             out[used:].zero_()
         rc = self._attention(
