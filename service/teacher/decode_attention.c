@@ -49,6 +49,25 @@ static inline v16 reduce16(const v16 *a)
            + SV(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+/* Softmax numerators of each score row r (token r / per) over the keys it sees, 0 to
+ * p0 + r / per, in place, zero beyond; sums[r] gets the row's denominator. */
+static inline void softmax_rows(float *buf, int R, int L, int p0, int per, float *sums)
+{
+    for (int r = 0; r < R; r++) {
+        float *row = buf + (int64_t)r * L;
+        const int lim = p0 + r / per + 1;
+        float m = row[0];
+        for (int j = 1; j < lim; j++) m = row[j] > m ? row[j] : m;
+        float sum = 0.f;
+        for (int j = 0; j < lim; j++) {
+            row[j] = expf(row[j] - m);
+            sum += row[j];
+        }
+        for (int j = lim; j < L; j++) row[j] = 0.f;
+        sums[r] = sum;
+    }
+}
+
 /* The scores and the weighted sum for head_dim 64 and a constant number of query rows,
  * with the queries and the accumulators held in registers. Keys/values 0..P-1 are read
  * from the shared prefix (pk, pv), the rest from the slot's own cache (K, V); the keys
@@ -97,19 +116,7 @@ static inline __attribute__((always_inline)) void block64(
         }
     }
     float sums[R];
-    for (int r = 0; r < R; r++) {
-        float *row = buf + (int64_t)r * L;
-        const int lim = p0 + r / per + 1;
-        float m = row[0];
-        for (int j = 1; j < lim; j++) m = row[j] > m ? row[j] : m;
-        float sum = 0.f;
-        for (int j = 0; j < lim; j++) {
-            row[j] = expf(row[j] - m);
-            sum += row[j];
-        }
-        for (int j = lim; j < L; j++) row[j] = 0.f;
-        sums[r] = sum;
-    }
+    softmax_rows(buf, R, L, p0, per, sums);
     for (int seg = 0; seg < 2; seg++) {
         const int off = seg ? P : 0, n = seg ? L - P : P;
         const float *Vs = seg ? V + (int64_t)P * 64 : pv;
@@ -202,21 +209,8 @@ int distillery_decode_attention(
                     buf[(int64_t)r * L + j] = dot * scale;
                 }
             }
-            /* softmax numerators per row, over the keys that row sees; zero beyond */
             float sums[R];
-            for (int r = 0; r < R; r++) {
-                float *row = buf + (int64_t)r * L;
-                const int lim = p0 + r / per + 1;
-                float m = row[0];
-                for (int j = 1; j < lim; j++) m = row[j] > m ? row[j] : m;
-                float sum = 0.f;
-                for (int j = 0; j < lim; j++) {
-                    row[j] = expf(row[j] - m);
-                    sum += row[j];
-                }
-                for (int j = lim; j < L; j++) row[j] = 0.f;
-                sums[r] = sum;
-            }
+            softmax_rows(buf, R, L, p0, per, sums);
             memset(acc, 0, sizeof(float) * R * d);
             for (int j = 0; j < L; j++) {
                 const float *vj = (j < P ? pv : V) + (int64_t)j * d;

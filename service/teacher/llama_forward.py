@@ -129,7 +129,6 @@ class LlamaForward:
                 )
             )
         self.packed_rows = 0
-        self.int8 = False  # quantize_int8() ran: products ignore the packed weights
         self._cos = self._sin = torch.empty(0)
         self.native = None  # the C decode kernels, once use_native() found them
 
@@ -137,9 +136,8 @@ class LlamaForward:
         """Decode steps run on the C kernels (``native.py``) where they build here and fit
         this model (CPU, fp32, RoPE over the whole head); True when they now do."""
         self.native = None
-        rotary_dim = self._rope_table(1)[0].shape[-1]
         if on and self.device.type == "cpu" and self.dtype == torch.float32:
-            if rotary_dim == self.head_dim and self.head_dim % 2 == 0:
+            if self._rope_table(1)[0].shape[-1] == self.head_dim and self.head_dim % 2 == 0:
                 from service.teacher.native import kernels
 
                 self.native = kernels()
@@ -171,7 +169,11 @@ class LlamaForward:
             raise ValueError("int8 weights are a CPU fp32 option")
         for p in self.projections():
             p.quantize()
-        self.int8 = True
+
+    @property
+    def int8(self) -> bool:
+        """quantize_int8() ran: the products ignore the packed weights."""
+        return self.lm_head.int8 is not None
 
     def cache_bytes(self, slots: int, max_len: int) -> int:
         per = self.layers * self.kv_heads * max_len * self.head_dim * self.embed.element_size()
@@ -289,8 +291,6 @@ class LlamaForward:
         ends = [p + c for p, c in zip(pos_list, counts, strict=True)]
         if max(ends) > cache.max_len:
             raise ValueError(f"positions up to {max(ends)} do not fit a cache of {cache.max_len}")
-        if self.native is not None:
-            return self._decode_native(cache, tokens, pos, counts, ends, prefix)
         if width == 1:
             slot_of, row_pos, pad_idx = torch.arange(n, device=dev), pos, None
         else:
@@ -300,6 +300,8 @@ class LlamaForward:
             row_pos = pos[slot_of] + j_of
             pad_idx = slot_of * width + j_of
         cos_t, sin_t = self._rope_table(max(ends))
+        if self.native is not None:
+            return self._decode_native(cache, tokens, pos, row_pos, counts, cos_t, sin_t, prefix)
         cos, sin = cos_t[row_pos].unsqueeze(1), sin_t[row_pos].unsqueeze(1)
         spans = [(a, b, max(ends[a:b])) for a, b in (groups or [(0, n)])]
         masks = [self._decode_mask(pos[a:b], counts[a:b], width, length) for a, b, length in spans]
@@ -350,7 +352,9 @@ class LlamaForward:
             x = self._mlp(x, b)
         return self.logits(x)
 
-    def _decode_native(self, cache, tokens, pos, counts, ends, prefix) -> torch.Tensor:
+    def _decode_native(
+        self, cache, tokens, pos, row_pos, counts, cos_t, sin_t, prefix
+    ) -> torch.Tensor:
         """:meth:`decode` on the C kernels: RMSNorm fused with the residual add before it,
         RoPE in place on the q/k product, and one attention call per layer that writes the
         new keys/values and reads each slot to its own length (no masks, groups or padded
@@ -364,9 +368,6 @@ class LlamaForward:
         nk, d = self.native, self.head_dim
         row_start = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         pos32 = pos.to(torch.int32)
-        row_pos = torch.cat([torch.arange(p, e) for p, e in zip(pos.tolist(), ends, strict=True)])
-        cos_t, sin_t = self._rope_table(max(ends))
-        row_pos = row_pos.to(self.device)
         real, m = tokens.shape[0], self.packed_rows
         if real < m <= 2 * real and not self.int8:
             tokens = torch.cat([tokens, tokens.new_zeros(m - real)])
