@@ -11,9 +11,8 @@ system prompt) and ``distill`` (the SDFT general template on Alpaca rows, built 
 Engines (``--engines``): ``hf1`` and ``hf64`` (``HFEngine``: plain ``generate`` with left
 padding at batch 1, on the first ``--n-batch1`` prompts, and at batch 64), ``fast`` (the
 fast CPU engine), ``fast-draft`` (the same checking 3 looked-up draft tokens per step),
-``fast-torch`` (the
-fast engine without its C decode kernels: torch ops and SDPA), ``fast-int8`` (int8
-weights: not exact, "same" then measures its quality cost),
+``fast-torch`` (the fast engine without its C decode kernels: torch ops and SDPA),
+``fast-int8`` (int8 weights: not exact, "same" then measures its quality cost),
 ``distill`` (``run_distill`` on the fast engine: the distillation loop around it, with
 ``--distill-batch`` rows per engine call, judging and output file included; ``distill``
 set only), ``openai`` (``--openai-url``). On a GPU: ``vllm-offline`` (``vllm.LLM.generate``
@@ -44,6 +43,13 @@ from bench.roofline import Machine, memory_bound, streamed_matmul_rate, workload
 from service.specs import DistillSpec
 from service.teacher.base import GenParams, Request
 
+# The fast engine's rows and their options (see the module docstring).
+FAST_VARIANTS: dict[str, dict] = {
+    "fast": {},
+    "fast-torch": {"native": False},
+    "fast-draft": {"lookahead": 3},
+    "fast-int8": {"weights": "int8"},
+}
 DATA = Path(os.environ.get("DISTILLERY_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
 
 
@@ -115,34 +121,17 @@ class Bench:
         if names & {"hf1", "hf64"}:
             self.hf = HFEngine(args.model, device="cpu", batch_size=64)
         self.engines: dict = {}
-        if names & {"fast", "distill"}:
-            self.engines["fast"] = FastEngine(
-                args.model, slots=args.slots, model=self.model, tokenizer=self.tokenizer
-            )
-        if "fast-int8" in names:
-            self.engines["fast-int8"] = FastEngine(
-                args.model,
-                slots=args.slots,
-                weights="int8",
-                model=self.model,
-                tokenizer=self.tokenizer,
-            )
-        if "fast-torch" in names:
-            self.engines["fast-torch"] = FastEngine(
-                args.model,
-                slots=args.slots,
-                native=False,
-                model=self.model,
-                tokenizer=self.tokenizer,
-            )
-        if "fast-draft" in names:
-            self.engines["fast-draft"] = FastEngine(
-                args.model,
-                slots=args.slots,
-                lookahead=3,
-                model=self.model,
-                tokenizer=self.tokenizer,
-            )
+        if "distill" in names:
+            names.add("fast")  # the distill row runs on the fast engine
+        for name, options in FAST_VARIANTS.items():
+            if name in names:
+                self.engines[name] = FastEngine(
+                    args.model,
+                    slots=args.slots,
+                    model=self.model,
+                    tokenizer=self.tokenizer,
+                    **options,
+                )
         if "openai" in names and args.openai_url:
             from service.teacher.openai_engine import OpenAIEngine
 
@@ -160,10 +149,7 @@ class Bench:
             self.hf.batch_size = 1 if name == "hf1" else 64
             requests = requests[: args.n_batch1] if name == "hf1" else requests
             gens, secs = timed(self.hf, requests, params)
-        elif (
-            name in ("fast", "fast-torch", "fast-draft", "fast-int8", "openai")
-            and name in self.engines
-        ):
+        elif (name in FAST_VARIANTS or name == "openai") and name in self.engines:
             gens, secs = timed(self.engines[name], requests, params)
         elif name == "distill" and set_name == "distill" and "fast" in self.engines:
             batch = None if args.distill_batch is None else args.distill_batch or len(requests)
