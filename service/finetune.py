@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,19 @@ MAX_GRAD_NORM = 1.0
 RESUMABLE_CHANGES = {"checkpoint_every"}
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based): linear warm-up, then
+    cosine decay, as ``transformers.get_cosine_schedule_with_warmup`` but shifted so that
+    no step runs at 0. HF's schedule gives step 0 the factor 0/warmup = 0, and since
+    warmup = ceil(ratio * steps) is at least 1, the first step of every run was wasted and
+    a one-step run trained nothing. Here step s of the warm-up gets (s + 1) / (warmup + 1),
+    the decay starts at 1 and its last step stays above 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def checkpoint_path(out: Path) -> Path:
     """The checkpoint sits next to the output directory, which appears only when done."""
     return out.parent / (out.name + ".ckpt")
@@ -89,7 +103,6 @@ class FinetuneRecipe:
 
     def setup(self, resume: bool) -> None:
         from peft import LoraConfig, get_peft_model
-        from transformers import get_cosine_schedule_with_warmup
 
         spec = self.spec
         self.rank, self.world = distributed.setup()
@@ -148,7 +161,9 @@ class FinetuneRecipe:
         # AdamW without weight decay (HF Trainer and LLaMA-Factory default).
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=spec.lr, weight_decay=0.0)
         warmup = math.ceil(spec.warmup_ratio * self.steps_total)  # as HF's get_warmup_steps
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.steps_total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, warmup=warmup, total=self.steps_total)
+        )
         if resume and self.ckpt.exists():
             self.load_checkpoint()
         elif resume:

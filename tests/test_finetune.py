@@ -287,3 +287,51 @@ def test_builtin_model_one_step(session_home, alpaca_file, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
     assert not any("lora" in k for k in model.state_dict())
+
+
+def batch_loss(model_dir: Path, data: Path) -> float:
+    """Token-mean cross-entropy of ``model_dir`` on the response tokens of every row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = parse_rows(data.read_bytes(), name=data.name)
+    examples, _ = tokenise_rows(tok, rows, 512)
+    batch = collate(examples, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[keep]))
+
+
+def test_one_step_trains_from_its_first_step(tiny_llama, alpaca_file, tmp_path):
+    """Default warm-up: ceil(0.03 * 1) = 1 step, and HF's cosine-with-warm-up schedule
+    gave that first (here: only) step learning rate 0, so a one-step run trained
+    nothing. Now no step runs at 0: the weights move and the batch's loss falls."""
+    out = tmp_path / "one-step"
+    spec = FinetuneSpec(
+        model=str(tiny_llama), dataset=str(alpaca_file), batch_size=8, epochs=1, lr=1e-2,
+        lora_dropout=0.0,
+    )  # fmt: skip
+    assert spec.warmup_ratio > 0  # the default warms up
+    result = run_finetune(spec, out)
+    log = train_log(out)
+    assert result["steps"] == 1 and log["rows"] == 8
+    assert log["steps"][0]["lr"] > 0
+    before, after = weights(tiny_llama), weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert batch_loss(out, alpaca_file) < batch_loss(tiny_llama, alpaca_file) - 1e-3
+
+
+def test_no_step_runs_at_learning_rate_zero():
+    from service.finetune import lr_factor
+
+    for total in (1, 2, 3, 10, 33, 100, 1000):
+        warmup = -(-3 * total // 100)  # ceil(0.03 * total)
+        factors = [lr_factor(s, warmup, total) for s in range(total)]
+        assert all(0 < f <= 1 for f in factors), (total, factors)
+        assert max(factors) == 1 or total <= warmup  # reaches the peak after warm-up
+    # Warm-up rises, then the cosine falls.
+    f = [lr_factor(s, 3, 100) for s in range(100)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[50] > f[90] > f[99] > 0
