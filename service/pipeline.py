@@ -154,7 +154,10 @@ def build_summary(
         "removed_layers": prune["removed_layers"],
         "layers": [prune["num_layers_before"], prune["num_layers_after"]],
         "distill": {k: distill.get(k) for k in ("rows", "distilled_fraction", "tokens_per_s")},
-        "finetune": {k: finetune.get(k) for k in ("final_loss", "tokens_per_s", "rows")},
+        "finetune": {
+            k: finetune.get(k)
+            for k in ("first_loss", "final_loss", "steps", "tokens_per_s", "rows")
+        },
         "eval": {
             name: {
                 "tasks": {t: r["acc"] for t, r in e["tasks"].items()},
@@ -228,6 +231,13 @@ def print_table(summary: dict) -> None:
     d = summary["distill"]
     if d.get("distilled_fraction") is not None:
         print(f"distilled {d['rows']} rows, {100 * d['distilled_fraction']:.0f}% rewritten")
+    f = summary.get("finetune") or {}
+    if f.get("steps") and f.get("first_loss") is not None:
+        print(
+            f"fine-tuned the pruned model for {f['steps']} steps on {f['rows']} rows: "
+            f"training loss {f['first_loss']:.3f} at the first step, {f['final_loss']:.3f} "
+            "at the last"
+        )
     print(format_table(summary))
     for name, e in summary["eval"].items():
         a = e.get("agreement")

@@ -350,14 +350,17 @@ def build_sections(run_dir: Path, d: dict) -> tuple[list[tuple[str, list[Block]]
     return list(zip(SECTIONS, bodies, strict=True)), images
 
 
-def run_report(run_dir: Path) -> dict:
-    """Write report.md, report.html and the report_*.png figures into ``run_dir``."""
+def run_report(run_dir: Path, name: str | None = None) -> dict:
+    """Write report.md, report.html and the report_*.png figures into ``run_dir``.
+
+    ``name`` titles the report (the job id or run name); by default the run folder's name.
+    The service builds a report in a temporary folder, so it always passes the job's."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DistilleryError(f"no run directory at {run_dir}")
     d = collect(run_dir)
     sections, images = build_sections(run_dir, d)
-    title = f"Distillery report: {run_dir.resolve().name}"
+    title = f"Distillery report: {name or run_dir.resolve().name}"
     md, page = run_dir / "report.md", run_dir / "report.html"
     for path, text in (
         (md, to_markdown(title, sections)),

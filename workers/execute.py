@@ -310,7 +310,7 @@ def write_report(
             if log.is_file():
                 (tmp / "recovered").mkdir(exist_ok=True)
                 shutil.copy(log, tmp / "recovered" / "train_log.json")
-        run_report(tmp)
+        run_report(tmp, name=parent["id"])
     return run_id
 
 
