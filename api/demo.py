@@ -148,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     alpaca, tasks, generated = main_job.dataset_and_tasks(
         args, get_settings().home_dir() / "generated-data"
     )
+    note = main_job.generated_note(args, alpaca) if generated else ""
     if generated:
         eval_data = alpaca.parent
-        log(f"{data_dir} has no Alpaca sample: using generated arithmetic data ({eval_data})")
+        log(note)
     ensure_service(args.url, eval_data)
     with Client(args.url) as client:
         ds = upload_once(client, alpaca)
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.pipeline import print_table
 
     print_table(job.metrics)
+    if note:
+        print(f"\n{note}")
     print(f"\npipeline {job.id}; models {job.artifacts}")
     print(f"service running at {args.url} (docs: {args.url}/docs); stop it with Ctrl-C in its")
     print("terminal, or: kill -INT $(cat ${DISTILLERY_HOME:-~/.distillery}/up.pid)")

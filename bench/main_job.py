@@ -32,16 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     data_dir = Path(args.data_dir)
     dataset, tasks, generated = main_job.dataset_and_tasks(args, out / "generated-data")
+    note = main_job.generated_note(args, dataset) if generated else ""
     if generated:
         data_dir = dataset.parent
-        print(
-            f"note: {args.data_dir} has no Alpaca sample; using generated arithmetic data in "
-            f"{data_dir} (rows and an arithmetic multiple-choice task) instead",
-            file=sys.stderr,
-        )
+        print(note, file=sys.stderr)
     spec = PipelineSpec(**main_job.pipeline_fields(args, str(dataset), tasks), engine=args.engine)
     summary = run_pipeline(spec, out, ConsoleReporter("main"), data_dir=data_dir)
     print_table(summary)
+    if note:
+        print(f"\n{note}")
     print(f"\nrun folder: {out}")
     return 0
 

@@ -46,3 +46,17 @@ def pipeline_fields(args: argparse.Namespace, dataset: str, tasks: list[str]) ->
         "tasks": tasks,
         "eval_limit": args.eval_limit,
     }
+
+
+def generated_note(args: argparse.Namespace, dataset: Path) -> str:
+    """What a run on generated data trains and evaluates on, and how to get the real table
+    (printed before the run and again under its table)."""
+    return (
+        f"note: no public data sets at {args.data_dir} (it has no alpaca/alpaca_5000.json).\n"
+        f"  This run fine-tunes on generated arithmetic word problems ({dataset.name}) and\n"
+        f"  evaluates on 'arith', a generated arithmetic multiple-choice task (in\n"
+        f"  {dataset.parent}), not on arc_easy/piqa: its accuracies are not the published ones.\n"
+        f"  For the real table, put the public sets in {args.data_dir} (alpaca/alpaca_5000.json,\n"
+        f"  arc_easy/arc_easy.jsonl, piqa/piqa.jsonl; llm-foundry's query/choices/gold files),\n"
+        f"  or point at them: make run DATA=/path/to/data (or --data-dir /path/to/data)."
+    )
