@@ -148,3 +148,25 @@ def wide_teacher(tiny_llama, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def peaked_copy(src: Path, out: Path, factor: float) -> Path:
+    """``src`` with an untied LM head scaled by ``factor``: a few tokens carry most of each
+    step's mass, as in a trained model. Tests that compare sampled draws across batchings
+    or engines use it: from a random model's near-uniform 49k-token distribution, a draw
+    hangs on the logits' last bits (tokens ~2e-5 wide), which differ between CPUs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    head = model.get_output_embeddings().weight.detach().clone() * factor
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peaked_teacher(wide_teacher, tmp_path_factory) -> Path:
+    """``wide_teacher`` with its LM head scaled 4x (``peaked_copy``)."""
+    return peaked_copy(wide_teacher, tmp_path_factory.mktemp("peaked-teacher"), 4.0)

@@ -20,11 +20,12 @@ import time
 
 import pytest
 import torch
-from conftest import GSM8K_ROWS, SHARED_DATA
+from agree import TOL, draws_agree, forced_logits, greedy_agrees
+from conftest import GSM8K_ROWS, SHARED_DATA, peaked_copy
 
 from service.teacher.base import GenParams, Request, make_engine
 from service.teacher.fast_engine import FastEngine
-from service.teacher.hf_engine import HFEngine
+from service.teacher.hf_engine import HFEngine, render_prompt
 from service.teacher.kv import SlotCache
 from service.teacher.llama_forward import unsupported_reason
 from service.teacher.slots import shared_prefix
@@ -39,6 +40,10 @@ QUESTIONS = [
     "What is 2 + 2?",
     "Translate 'good morning' to French, then to German, then to Italian.",
 ]
+
+
+# The builtin model's logits span tens of units over 30 blocks: the engines differ more.
+REAL_TOL = 2e-3
 
 
 def chat(q: str, prefill: str = "", system: str | None = None) -> Request:
@@ -95,7 +100,17 @@ def fast(varied_llama):
     return FastEngine(str(varied_llama), slots=3, lookahead=3)
 
 
+def agree(ref_engine, reqs, ref, out, tol: float = TOL) -> None:
+    """``out`` (another implementation) decodes greedily what ``ref`` (plain generate)
+    does, wherever that is determined on this CPU (tests/agree.py); most tokens must be."""
+    exact = greedy_agrees(ref_engine.model, ref_engine.tokenizer, reqs, ref, out, tol)
+    total = sum(g.tokens for g in ref)
+    assert exact >= 0.6 * total, f"only {exact} of {total} tokens were determined"
+
+
 def same(a, b) -> None:
+    """Bit-equal outputs: only for one implementation against itself (exact by
+    construction), never for two engines (their kernels round differently per CPU)."""
     assert [g.text for g in a] == [g.text for g in b]
     assert [g.tokens for g in a] == [g.tokens for g in b]
     assert [g.finish_reason for g in a] == [g.finish_reason for g in b]
@@ -117,7 +132,7 @@ def test_fast_greedy_equals_generate_with_refill(hf, fast):
     params = GenParams(max_new_tokens=20)
     ref = hf.generate(reqs, params)
     out = fast.generate(reqs, params)
-    same(ref, out)
+    agree(hf, reqs, ref, out)
     assert all(g.tokens == 20 and g.finish_reason == "length" for g in out)
     assert len({t for g in out for t in g.extra["token_ids"]}) > 40  # a real check
     assert fast.forward is not None  # the fast path ran, not the fallback
@@ -137,7 +152,7 @@ def test_fast_greedy_equals_generate_with_refill(hf, fast):
         model=fast.model,
         tokenizer=fast.tokenizer,
     )
-    same(ref, wide.generate(reqs, params))
+    agree(hf, reqs, ref, wide.generate(reqs, params))
 
 
 def test_fast_prefill_and_system_prompt(hf, fast):
@@ -149,17 +164,22 @@ def test_fast_prefill_and_system_prompt(hf, fast):
     params = GenParams(max_new_tokens=16)
     ref = hf.generate(reqs, params)
     out = fast.generate(reqs, params)
-    same(ref, out)
+    agree(hf, reqs, ref, out)
     assert not out[0].text.startswith("Great!")  # the completion excludes the prefill
 
 
-def test_fast_stops_at_eos_like_generate(varied_llama, tmp_path, fast):
+def test_fast_stops_at_eos_like_generate(varied_llama, tmp_path, hf, fast):
     # Make a token the model really emits an EOS: copy the model with that token added
-    # to generation_config.eos_token_id, so both engines must stop there.
+    # to generation_config.eos_token_id, so both engines must stop there. The token is
+    # one that greedy search reaches without a near-tie on the way (any CPU picks it).
     reqs = [chat(q) for q in QUESTIONS]
     probe = fast.generate(reqs, GenParams(max_new_tokens=12))
     ids = probe[0].extra["token_ids"]
+    logits = forced_logits(hf.model, render_prompt(hf.tokenizer, reqs[0]), ids)
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1] >= 10 * TOL).tolist()
     k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    assert all(clear[: k + 1]), "the probe row hits a near-tie before its stop token"
     stop_token = ids[k]
     model_dir = tmp_path / "eos-model"
     shutil.copytree(varied_llama, model_dir)
@@ -167,34 +187,54 @@ def test_fast_stops_at_eos_like_generate(varied_llama, tmp_path, fast):
     gen_cfg["eos_token_id"] = [gen_cfg["eos_token_id"], stop_token]
     (model_dir / "generation_config.json").write_text(json.dumps(gen_cfg))
     params = GenParams(max_new_tokens=12)
-    ref = HFEngine(str(model_dir), device="cpu", batch_size=1).generate(reqs, params)
+    ref_engine = HFEngine(str(model_dir), device="cpu", batch_size=1)
+    ref = ref_engine.generate(reqs, params)
     out = FastEngine(str(model_dir), slots=2).generate(reqs, params)
-    same(ref, out)
-    assert out[0].finish_reason == "stop" and out[0].tokens == k + 1
-    assert out[0].extra["token_ids"][-1] == stop_token
+    agree(ref_engine, reqs, ref, out)
+    for g in (ref[0], out[0]):
+        assert g.finish_reason == "stop" and g.tokens == k + 1
+        assert g.extra["token_ids"][-1] == stop_token
 
 
 def test_fast_max_new_tokens_one(hf, fast):
     reqs = [chat(q) for q in QUESTIONS[:4]]
     params = GenParams(max_new_tokens=1)
-    same(hf.generate(reqs, params), fast.generate(reqs, params))
+    agree(hf, reqs, hf.generate(reqs, params), fast.generate(reqs, params))
 
 
-def test_sampling_follows_seeds_not_batches(hf, fast):
+@pytest.fixture(scope="module")
+def peaked_llama(varied_llama, tmp_path_factory):
+    return peaked_copy(varied_llama, tmp_path_factory.mktemp("peaked-llama"), 8.0)
+
+
+def test_sampling_follows_seeds_not_batches(peaked_llama):
+    hf = HFEngine(str(peaked_llama), device="cpu", batch_size=1)
+    fast = FastEngine(str(peaked_llama), slots=3)
     reqs = [chat(q) for q in QUESTIONS]
     params = GenParams(max_new_tokens=16, temperature=0.9, top_p=0.9)
     seeds = [11, 12, 13, 14, 15, 16, 17]
+
+    def drawn(out, rows, row_seeds) -> None:
+        """Each row holds its own seed's draws from the reference logits, wherever they
+        are determined on this CPU (tests/agree.py); most of them must be."""
+        n = draws_agree(hf.model, hf.tokenizer, rows, out, row_seeds, 0.9, 0.9)
+        total = sum(g.tokens for g in out)
+        assert n >= 0.6 * total, f"only {n} of {total} draws were determined"
+
     a = fast.generate(reqs, params, seeds)
+    # The same engine on the same input: exact by construction.
     assert [g.text for g in a] == [g.text for g in fast.generate(reqs, params, seeds)]
-    # Other batch mates and another order: each row still gets its own sample.
+    drawn(a, reqs, seeds)
+    # Other batch mates and another order: each row still draws from its own seed.
     order = [6, 2, 4]
-    b = fast.generate([reqs[i] for i in order], params, [seeds[i] for i in order])
-    assert [g.text for g in b] == [a[i].text for i in order]
+    sub = [reqs[i] for i in order]
+    drawn(fast.generate(sub, params, [seeds[i] for i in order]), sub, [seeds[i] for i in order])
     assert len({g.text for g in a}) > 1
     other = fast.generate(reqs, params, [s + 100 for s in seeds])
     assert [g.text for g in other] != [g.text for g in a]
-    # Same draw procedure as the reference engine: same seeds, same samples.
-    same(hf.generate(reqs, params, seeds), a)
+    drawn(other, reqs, [s + 100 for s in seeds])
+    # The reference engine draws the same way: same seeds, same samples where determined.
+    drawn(hf.generate(reqs, params, seeds), reqs, seeds)
 
 
 def test_int8_weights_option(varied_llama):
@@ -218,8 +258,9 @@ def test_unsupported_architecture_falls_back(varied_llama, tmp_path):
     assert engine.forward is None and unsupported_reason(engine.model)
     reqs = [chat(q) for q in QUESTIONS[:3]]
     params = GenParams(max_new_tokens=8)
-    ref = HFEngine(str(model_dir), device="cpu", batch_size=1).generate(reqs, params)
-    same(ref, engine.generate(reqs, params))
+    # The fallback is generate itself, but at batch 8 with left padding: other kernels.
+    ref_engine = HFEngine(str(model_dir), device="cpu", batch_size=1)
+    agree(ref_engine, reqs, ref_engine.generate(reqs, params), engine.generate(reqs, params))
 
 
 def test_qwen2_biases(tmp_path, tokenizer_dir):
@@ -250,10 +291,8 @@ def test_qwen2_biases(tmp_path, tokenizer_dir):
     params = GenParams(max_new_tokens=10)
     engine = FastEngine(path, slots=2)
     assert engine.forward is not None and engine.forward.blocks[0].qkv.b is not None
-    same(
-        HFEngine(path, device="cpu", batch_size=1).generate(reqs, params),
-        engine.generate(reqs, params),
-    )
+    ref_engine = HFEngine(path, device="cpu", batch_size=1)
+    agree(ref_engine, reqs, ref_engine.generate(reqs, params), engine.generate(reqs, params))
 
 
 # --- OpenAI-compatible engine against a real server -------------------------------------
@@ -375,11 +414,11 @@ def test_fast_equals_generate_on_the_real_model(session_home):
         questions = [r["question"] for r in GSM8K_ROWS] + [QUESTIONS[2]]
     reqs = [chat(q) for q in questions]
     params = GenParams(max_new_tokens=32)
-    ref = HFEngine("builtin:smollm2-135m-instruct", device="cpu", batch_size=1).generate(
-        reqs, params
-    )
+    hf = HFEngine("builtin:smollm2-135m-instruct", device="cpu", batch_size=1)
+    ref = hf.generate(reqs, params)
     fast = FastEngine("builtin:smollm2-135m-instruct", slots=2)
-    same(ref, fast.generate(reqs, params))
+    # 30 blocks of width 576: the two engines' logits differ by up to ~1e-4 here.
+    agree(hf, reqs, ref, fast.generate(reqs, params), tol=REAL_TOL)
     fast.lookahead = 3
-    same(ref, fast.generate(reqs, params))
+    agree(hf, reqs, ref, fast.generate(reqs, params), tol=REAL_TOL)
     assert fast.stats["accepted"] > 0

@@ -161,6 +161,7 @@ class HFEngine(TeacherEngine):
             tokens=len(kept),
             prompt_tokens=prompt_tokens,
             finish_reason="length" if end is None else "stop",
+            extra={"token_ids": kept},
         )
 
     def close(self) -> None:
