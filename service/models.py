@@ -133,6 +133,8 @@ HUB_PREFIX = "hf:"
 
 
 def _hub_snapshot(repo: str) -> Path:
+    # Safe when several workers ask at once: huggingface_hub downloads each file under its
+    # own lock in the cache and links the snapshot to finished blobs only.
     try:
         from huggingface_hub import snapshot_download
 
