@@ -276,7 +276,7 @@ def section_flops(flops: dict | None) -> list[Block]:
     ]  # fmt: skip
 
 
-def _step_specs(run_dir: Path, pipeline_spec: dict | None) -> dict:
+def _step_specs(pipeline_spec: dict | None) -> dict:
     """The child specs the pipeline ran (service/pipeline.py step_specs), by step."""
     if not pipeline_spec:
         return {}
@@ -284,7 +284,10 @@ def _step_specs(run_dir: Path, pipeline_spec: dict | None) -> dict:
     from service.specs import PipelineSpec
 
     try:
-        steps = step_specs(PipelineSpec(**pipeline_spec), run_dir)
+        # Paths relative to the run folder ("pruned", "distilled.jsonl"): the report sits
+        # in it, and the service builds it in a temporary folder whose path means nothing
+        # to the reader.
+        steps = step_specs(PipelineSpec(**pipeline_spec), Path("."))
     except Exception:  # a spec of another version: show what the files say instead
         return {}
     out = {k: v.model_dump(mode="json") for k, v in steps.items() if k != "evaluate"}
@@ -297,7 +300,7 @@ def section_specs(run_dir: Path, d: dict) -> list[Block]:
     step's own output), and the teacher options an evaluation actually ran with."""
     specs: dict[str, Any] = {
         "pipeline": d["pipeline_spec"],
-        **_step_specs(run_dir, d["pipeline_spec"]),
+        **_step_specs(d["pipeline_spec"]),
     }
     if d["prune"] and "prune" not in specs:
         keep = ("model", "calibration", "metric", "samples")
