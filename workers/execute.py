@@ -5,7 +5,7 @@ with its cached engine) and the trainer's child process (``python -m workers.chi
 the spec again, resolves inputs, calls the ``service`` run function with a
 :class:`~workers.reporter.RecordReporter`, turns the products into artifacts and finishes
 the record: succeeded (metrics, artifact ids), cancelled, or failed (code, message,
-where). Within a pipeline, a failed or cancelled step fails or cancels the pipeline and
+where, error id). Within a pipeline, a failed or cancelled step fails or cancels the pipeline and
 its remaining steps; the last step (``report``) builds the summary table.
 
 A sharded distill job (``workers/shards.py``) is a parent too: its shards
@@ -16,10 +16,11 @@ pipeline) and its children's children (that step's shards).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
-import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from workers import records, shards
 from workers.outputs import artifact_id_for, register_outputs, resolve_job_refs, work_dir
 from workers.reporter import RecordReporter
 
+log = logging.getLogger(__name__)
 SPECS = {**JOB_SPECS, shards.SHARD_TYPE: DistillShardSpec}
 TEACHER_TYPES = ("distill", shards.SHARD_TYPE)
 
@@ -42,22 +44,34 @@ class StepFailed(Exception):
 
 
 def error_doc(exc: BaseException, job_type: str) -> dict:
-    """{code, message, where, trace}: where is the innermost frame for an unexpected error."""
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = f"{tb[-1].filename}:{tb[-1].lineno} in {tb[-1].name}" if tb else job_type
+    """{code, message, where, error_id} for the record, which clients read: the job type
+    as ``where``, no trace, no server path (``service.redact``); an unexpected error's
+    message names only its type. The full message, the innermost frame and the trace go
+    to the server's log with the same ``error_id`` (a key of its own in JSON logs)."""
+    error_id = new_error_id()
     if isinstance(exc, DistilleryError):
+        log.warning("%s failed (error id %s): %s", job_type, error_id, exc,
+                    extra={"error_id": error_id})  # fmt: skip
         return {
             "code": exc.code,
             "message": exc.message,
             "where": job_type,
             "details": exc.details,
+            "error_id": error_id,
         }
+    log.error("%s failed (error id %s): %s: %s", job_type, error_id, type(exc).__name__, exc,
+              exc_info=exc, extra={"error_id": error_id})  # fmt: skip
     return {
         "code": "internal",
-        "message": f"{type(exc).__name__}: {exc}",
-        "where": where,
-        "trace": "".join(traceback.format_exception(exc)[-12:]),
+        "message": f"internal error ({type(exc).__name__}); the server's log holds the "
+        f"details under error id {error_id}",
+        "where": job_type,
+        "error_id": error_id,
     }
+
+
+def new_error_id() -> str:
+    return f"err_{uuid.uuid4().hex[:16]}"
 
 
 def run_step(job_type: str, spec: Any, work: Path, reporter: RecordReporter, engine=None) -> dict:
