@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from service.errors import CancelledError, DistilleryError
+from service.redact import redact, redact_text
 from service.settings import get_settings
 from service.specs import JOB_SPECS, DistillShardSpec
 from service.store import ArtifactStore
@@ -54,9 +55,9 @@ def error_doc(exc: BaseException, job_type: str) -> dict:
                     extra={"error_id": error_id})  # fmt: skip
         return {
             "code": exc.code,
-            "message": exc.message,
+            "message": redact_text(exc.message),
             "where": job_type,
-            "details": exc.details,
+            "details": redact(exc.details),
             "error_id": error_id,
         }
     log.error("%s failed (error id %s): %s: %s", job_type, error_id, type(exc).__name__, exc,
