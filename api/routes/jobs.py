@@ -124,7 +124,11 @@ def list_jobs(
     caller: CallerDep,
     conn: RedisDep,
     after: Annotated[
-        str | None, Query(description="Cursor: the last id of the previous page.")
+        str | None,
+        Query(
+            pattern=r"^job_[0-9a-f]{16,32}$",  # garbage is a 422, as for events' ?after=
+            description="Cursor: the last id of the previous page.",
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     status: JobStatus | None = None,
