@@ -136,10 +136,19 @@ def test_pipeline_job(api, workers, tiny_model, eval_data, session_home):
     assert "data:image/png;base64," in report.text and "recovered" in report.text
     md = api.get(f"/v1/jobs/{job['id']}/report", params={"format": "md"})
     assert md.status_code == 200 and "recovered" in md.text
+    # its figures travel inside it: no file name a client could not fetch
+    assert "](data:image/png;base64," in md.text and ".png)" not in md.text
     # one job to the caller: the steps are not listed on their own
     assert [j["id"] for j in api.get("/v1/jobs").json()["data"]] == [job["id"]]
     models = {m["id"] for m in api.get("/v1/models").json()["data"]}
     assert {arts["pruned"], arts["recovered"]} <= models
+    # the pipeline's own stream follows its steps: each starts, advances and ends in it
+    events = api.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    messages = [e["message"] for e in events]
+    for step in STEPS:
+        assert f"{step}: running" in messages and f"{step}: succeeded" in messages, step
+    advancing = {e["data"]["step"] for e in events if e["type"] == "progress"}
+    assert {"prune", "distill", "finetune"} <= advancing, advancing
     # no record, event, metric, result, report or model/dataset served names a server path
     answers = served(api, job["id"])
     assert len(answers) >= 30  # 7 steps and 2 shards: records, events, results, more

@@ -132,6 +132,10 @@ def start(conn: redis.Redis, job: dict) -> bool:
         records.add_event(
             conn, job["id"], f"resumed (attempt {attempts})", level="warning", data=data
         )
+    pipeline = _pipeline_of(conn, job)
+    if pipeline:  # the pipeline's own stream follows its steps
+        records.add_event(conn, pipeline, f"{job['step']}: running",
+                          data={"step": job["step"], "job_id": job["id"], **data})  # fmt: skip
     parent = job["parent"]
     while parent:  # a shard of a pipeline's distill step starts both
         records.transition(conn, parent, ("queued",), "running", started_at=now)
@@ -179,7 +183,9 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     if is_shard:
         reporter: RecordReporter = shards.ShardReporter(conn, job, deadline=deadline)
     else:
-        reporter = RecordReporter(conn, job_id, deadline=deadline)
+        pipeline = _pipeline_of(conn, job)
+        reporter = RecordReporter(conn, job_id, deadline=deadline, forward_to=pipeline,
+                                  step=job["step"] or job["type"])  # fmt: skip
     try:
         raw = resolve_job_refs(conn, job["tenant"], job["spec"])
         spec = SPECS[job["type"]].model_validate(raw)
@@ -225,6 +231,13 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     return "succeeded"
 
 
+def _pipeline_of(conn: redis.Redis, job: dict) -> str | None:
+    """The pipeline a step belongs to (None for a job of its own or a shard)."""
+    if not job["parent"] or job["type"] == shards.SHARD_TYPE:
+        return None
+    return job["parent"] if records.get_type(conn, job["parent"]) == "pipeline" else None
+
+
 def worker_gone() -> bool:
     """In a job's child process (``workers.child``): whether the worker that started it,
     ``DISTILLERY_WORKER_PID``, has died. Always False in a worker itself."""
@@ -251,6 +264,10 @@ def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
         finished_at=time.time(),
         **fields,
     )
+    if moved and job["parent"] and job["type"] != shards.SHARD_TYPE:
+        records.add_event(conn, job["parent"], f"{job['step']}: {status}",
+                          level="info" if status == "succeeded" else "warning",
+                          data={"step": job["step"], "job_id": job["id"]})  # fmt: skip
     if moved and job["parent"] and status != "succeeded":
         what = "failed" if status == "failed" else "was cancelled"
         error = fields.get("error") or {"code": "cancelled", "message": "cancelled"}

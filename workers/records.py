@@ -222,6 +222,11 @@ def cancel_requested(conn: redis.Redis, job_id: str) -> bool:
     return conn.hget(job_key(job_id), "cancel_requested") in (b"1", "1")
 
 
+def get_type(conn: redis.Redis, job_id: str) -> str | None:
+    t = conn.hget(job_key(job_id), "type")
+    return t.decode() if isinstance(t, bytes) else t
+
+
 def status(conn: redis.Redis, job_id: str) -> str | None:
     s = conn.hget(job_key(job_id), "status")
     return s.decode() if isinstance(s, bytes) else s
