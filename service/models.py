@@ -312,12 +312,16 @@ def gguf_value(path: Path, name: str, max_keys: int = 10_000):
     raise KeyError(f"no metadata key {name}")
 
 
-def config_depth(path: Path, ref: str) -> int:
-    """The depth a ``config.json`` declares (top level, or a multimodal ``text_config``)."""
+def config_depth(config: Path | bytes, ref: str) -> int:
+    """The depth a ``config.json`` (a file, or its bytes) declares: top level, or a
+    multimodal model's ``text_config``."""
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        if isinstance(config, Path) and config.stat().st_size > MAX_CONFIG_BYTES:
             raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
-        cfg = json.loads(path.read_bytes())
+        raw = config.read_bytes() if isinstance(config, Path) else config
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
+        cfg = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config.json of {ref!r}: {type(exc).__name__}") from exc
     for doc in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
@@ -330,18 +334,39 @@ def config_depth(path: Path, ref: str) -> int:
     raise ModelError(f"the config.json of {ref!r} declares no usable number of blocks")
 
 
-def _hub_config(repo: str) -> Path:
-    """A hub model's config.json: the local cache's copy, else that one file from the hub."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+HUB_TIMEOUT = 5.0  # seconds for the one request an uncached hub config costs a submission
+
+
+def _hub_config(repo: str) -> Path | bytes:
+    """A hub model's config.json: the local cache's copy, else that one file from the hub
+    in one request (huggingface_hub's download retries for ~25 s when the hub is out of
+    reach: too long for a request to wait). HF_HUB_OFFLINE=1: the cache only."""
+    from huggingface_hub import constants, get_token, try_to_load_from_cache
 
     try:
         cached = try_to_load_from_cache(repo, "config.json")
-        if isinstance(cached, str):
-            return Path(cached)
-        return Path(hf_hub_download(repo, "config.json"))
-    except Exception as exc:  # offline, unknown repo, gated...
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else ""
+    except Exception as exc:  # a malformed repo id
+        raise ModelError(f"not a hub model id: {repo!r}") from exc
+    if isinstance(cached, str):
+        return Path(cached)
+    if constants.HF_HUB_OFFLINE:
         raise ModelError(
-            f"cannot read the config of hub model {repo!r}{hint}: {type(exc).__name__}"
+            f"cannot read the config of hub model {repo!r}: HF_HUB_OFFLINE=1 and it is not "
+            "in the local cache"
+        )
+    import httpx
+
+    token = get_token()
+    try:
+        r = httpx.get(
+            f"{constants.ENDPOINT}/{repo}/resolve/main/config.json",
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            follow_redirects=True,
+            timeout=HUB_TIMEOUT,
+        )
+        r.raise_for_status()
+    except httpx.HTTPError as exc:  # offline, unknown or gated repo
+        raise ModelError(
+            f"cannot read the config of hub model {repo!r}: {type(exc).__name__}"
         ) from exc
+    return r.content
