@@ -147,7 +147,7 @@ def test_pipeline_job(api, workers, tiny_model, eval_data, session_home):
     messages = [e["message"] for e in events]
     for step in STEPS:
         assert f"{step}: running" in messages and f"{step}: succeeded" in messages, step
-    advancing = {e["data"]["step"] for e in events if e["type"] == "progress"}
+    advancing = {e["data"]["pipeline_step"] for e in events if e["type"] == "progress"}
     assert {"prune", "distill", "finetune"} <= advancing, advancing
     # no record, event, metric, result, report or model/dataset served names a server path
     answers = served(api, job["id"])

@@ -135,7 +135,7 @@ def start(conn: redis.Redis, job: dict) -> bool:
     pipeline = _pipeline_of(conn, job)
     if pipeline:  # the pipeline's own stream follows its steps
         records.add_event(conn, pipeline, f"{job['step']}: running",
-                          data={"step": job["step"], "job_id": job["id"], **data})  # fmt: skip
+                          data={**data, "pipeline_step": job["step"], "job_id": job["id"]})  # fmt: skip
     parent = job["parent"]
     while parent:  # a shard of a pipeline's distill step starts both
         records.transition(conn, parent, ("queued",), "running", started_at=now)
@@ -267,7 +267,7 @@ def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
     if moved and job["parent"] and job["type"] != shards.SHARD_TYPE:
         records.add_event(conn, job["parent"], f"{job['step']}: {status}",
                           level="info" if status == "succeeded" else "warning",
-                          data={"step": job["step"], "job_id": job["id"]})  # fmt: skip
+                          data={"pipeline_step": job["step"], "job_id": job["id"]})  # fmt: skip
     if moved and job["parent"] and status != "succeeded":
         what = "failed" if status == "failed" else "was cancelled"
         error = fields.get("error") or {"code": "cancelled", "message": "cancelled"}

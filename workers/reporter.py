@@ -9,7 +9,7 @@ deadline, which is how the teacher worker times out a job without killing its pr
 (and its loaded engine).
 
 A pipeline's step also forwards its progress and log events to the pipeline's own
-stream (``forward_to``), each marked with the step's name, so a client following the
+stream (``forward_to``), each with the step's name in ``pipeline_step``, so a client following the
 pipeline sees its steps advance rather than nothing between ``running`` and the end.
 """
 
@@ -70,8 +70,8 @@ class RecordReporter(Reporter):
             records.add_event(self.conn, self.job_id, "progress", type="progress", data=doc)
             if self.forward_to:
                 records.add_event(self.conn, self.forward_to, f"{self.step}: progress",
-                                  type="progress", data={"step": self.step, "job_id": self.job_id,
-                                                         **doc})  # fmt: skip
+                                  type="progress", data={**doc, "job_id": self.job_id,
+                                                         "pipeline_step": self.step})  # fmt: skip
             self._last_event = now
 
     def flush(self) -> None:
@@ -83,7 +83,7 @@ class RecordReporter(Reporter):
         records.add_event(self.conn, self.job_id, message, type="log", level=level, data=data)
         if self.forward_to:
             records.add_event(self.conn, self.forward_to, f"{self.step}: {message}", type="log",
-                              level=level, data={"step": self.step, "job_id": self.job_id, **data})  # fmt: skip
+                              level=level, data={**data, "job_id": self.job_id, "pipeline_step": self.step})  # fmt: skip
 
     def cancelled(self) -> bool:
         now = time.monotonic()
