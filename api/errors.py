@@ -98,7 +98,8 @@ def install(app: FastAPI) -> None:
         ]
         shown = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
         kind = request.headers.get("content-type", "")
-        if any(d["field"] is None for d in details) and "json" not in kind:
+        whole = ("dict_type", "model_attributes_type", "model_type")
+        if any(d["field"] is None and d["type"] in whole for d in details) and "json" not in kind:
             # The whole body failed: most often JSON sent without saying so.
             shown = f"the body must be a JSON object sent as application/json (got {kind or 'no Content-Type'})"
         return error_response(422, "invalid_request", f"invalid request: {shown}", details)
