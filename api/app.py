@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import redis
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api import errors
 from api.request_log import RequestLog
@@ -24,7 +25,8 @@ DESCRIPTION = """Recover the quality of layer-pruned LLMs by self-data distillat
 Upload a dataset, submit jobs (`prune`, `distill`, `finetune`, `evaluate`, `merge`, or the
 whole `pipeline`), follow them (poll, page through events, or stream them as Server-Sent
 Events), and fetch their results. Authenticate with `Authorization: Bearer <API key>`.
-Errors are `{"error": {"code", "message", "details"}}`."""
+Errors are `{"error": {"code", "message", "details", "error_id"}}`; the error id names the
+failure in the server's log."""
 
 
 def create_app(redis_url: str | None = None) -> FastAPI:
@@ -33,7 +35,10 @@ def create_app(redis_url: str | None = None) -> FastAPI:
         raise RuntimeError("no Redis: set REDIS_URL, or run `distillery up`")
     # After uvicorn's own logging setup (a factory runs after it): one format for all.
     logs.configure()
-    app = FastAPI(title="Distillery", version="1", description=DESCRIPTION)
+    # /docs (Swagger UI) and /redoc load their JavaScript and CSS from this server (the
+    # fastapi-offline package ships them) rather than from a CDN: clusters often have no
+    # internet, and the API reference must render there too.
+    app: FastAPI = FastAPIOffline(title="Distillery", version="1", description=DESCRIPTION)
     app.add_middleware(RequestLog)
     app.state.redis_url = url
     # One client (and pool) per process; redis-py's pool is thread-safe, and sync routes

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, create_model
 
+from service.redact import redact
 from service.specs import (
     DistillSpec,
     EvaluateSpec,
@@ -72,8 +73,11 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 class JobError(BaseModel):
     code: str
     message: str
-    where: str | None = Field(None, description="The step, or file:line, where it failed.")
+    where: str | None = Field(None, description="The step (job type or step id) that failed.")
     details: Any = None
+    error_id: str | None = Field(
+        None, description="Names this failure in the server's log, which holds its trace."
+    )
 
 
 class JobChild(BaseModel):
@@ -115,6 +119,8 @@ class JobPublic(BaseModel):
     @classmethod
     def from_record(cls, rec: dict, children: list[dict] | None = None) -> JobPublic:
         doc = {k: v for k, v in rec.items() if k in cls.model_fields and k != "children"}
+        # Written without server paths (workers/records.py); records older than that too.
+        doc.update(redact({k: doc[k] for k in ("error", "metrics", "progress") if k in doc}))
         doc["children"] = [JobChild.model_validate(c) for c in children or []]
         return cls.model_validate(doc)
 
@@ -202,7 +208,7 @@ class ModelPublic(BaseModel):
             created_at=m["created_at"],
             parents=m.get("parents") or [],
             info=m.get("info") or {},
-            metrics=m.get("metrics") or {},
+            metrics=redact(m.get("metrics") or {}),  # a job's metrics: no server path
             lineage=lineage,
         )
 

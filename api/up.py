@@ -12,6 +12,18 @@ resumes on the next start), then Redis, which flushes its append-only file.
 
 Each piece runs in its own session, so Ctrl-C reaches only this supervisor, which
 stops the pieces in order; a worker that dies is restarted.
+
+However ``up`` ends, its pieces end with it. Killed without a chance to stop them
+(SIGKILL, the OOM killer), the kernel's parent-death signal (``workers/lifeline.py``)
+sends Redis SIGTERM (it flushes its append-only file and exits) and the API and the
+workers SIGKILL (a job in progress is then abandoned and RQ requeues it on the next
+start, as for any worker that dies; a trainer job's child process exits with its worker).
+Every piece also inherits the open home lock (``$DISTILLERY_HOME/up.lock``), so the lock
+is held until the last of them is gone: a new ``up`` on the same home refuses to start,
+naming the processes, while anything of the old one lives, and it never starts a Redis
+while any process holds a file under ``$DISTILLERY_HOME/redis`` (two servers appending
+to one AOF lose data). It refuses rather than adopts: a stack it did not start is one it
+could not stop in order.
 """
 
 from __future__ import annotations
@@ -29,9 +41,13 @@ import httpx
 import redis
 
 from workers.keys import add_key, create_key, tenant_for
+from workers.lifeline import describe, holders, parent_death_signal
 from workers.redis_server import RedisServer, start_redis
 
 LOCAL_TENANT = "local"
+# The signal each piece gets when `up` dies without stopping it (see the docstring).
+DEATH_SIGNAL = {"redis": signal.SIGTERM, "teacher": signal.SIGKILL, "train": signal.SIGKILL,
+                "api": signal.SIGKILL}  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -64,8 +80,10 @@ def port_free(host: str, port: int) -> bool:
 
 
 class Supervisor:
-    def __init__(self, home: Path, host: str, port: int):
+    def __init__(self, home: Path, host: str, port: int, lock_fd: int | None = None):
         self.home, self.host, self.port = home, host, port
+        # Every piece inherits the home lock: it is held until the last of them ends.
+        self.pass_fds = (lock_fd,) if lock_fd is not None else ()
         self.redis: RedisServer | None = None
         self.url = ""
         self.procs: dict[str, subprocess.Popen] = {}
@@ -88,6 +106,8 @@ class Supervisor:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only us; we stop the pieces in order
+            preexec_fn=parent_death_signal(DEATH_SIGNAL[name]),  # and they end when we do
+            pass_fds=self.pass_fds,
         )
         self.procs[name] = proc
         return proc
@@ -97,7 +117,17 @@ class Supervisor:
         if url:
             log(f"using Redis at {url}")
         else:
-            self.redis = start_redis(self.home / "redis")
+            held = holders(self.home / "redis")
+            if held:  # a second server on the same append-only file would lose data
+                raise RuntimeError(
+                    f"{self.home / 'redis'} is in use by {describe(held)}; stop it first "
+                    "(or set REDIS_URL to use a running Redis)"
+                )
+            self.redis = start_redis(
+                self.home / "redis",
+                preexec_fn=parent_death_signal(DEATH_SIGNAL["redis"]),
+                pass_fds=self.pass_fds,
+            )
             url = self.redis.url
             log(f"started Redis at {url} (append-only file in {self.home / 'redis'})")
         self.url = url
@@ -185,12 +215,15 @@ def up(host: str = "127.0.0.1", port: int = 8000) -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        log(f"another `distillery up` is running with DISTILLERY_HOME={home}")
+        others = describe(holders(home / "up.lock")) or "unknown processes"
+        log(
+            f"another `distillery up`, or a piece of one, is running with DISTILLERY_HOME={home}: {others}"
+        )
         return 1
     if not port_free(host, port):
         log(f"port {port} on {host} is in use (pass --port)")
         return 1
-    sup = Supervisor(home, host, port)
+    sup = Supervisor(home, host, port, lock.fileno())
     pid_file = home / "up.pid"
     pid_file.write_text(f"{os.getpid()}\n")  # `kill -INT $(cat up.pid)` stops the service
 

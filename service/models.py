@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,3 +212,174 @@ def model_info(path: Path) -> dict:
         "num_hidden_layers": cfg.get("num_hidden_layers"),
         "hidden_size": cfg.get("hidden_size"),
     }
+
+
+# -- depth at submission: read without loading or converting the model -------------------
+
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few kB; a bigger one is not read
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def model_depth(ref: str, home: Path | None = None) -> int | None:
+    """The number of decoder blocks of a model reference, read from metadata only, so a
+    spec can be checked before anything is queued: a builtin's GGUF header (no
+    conversion: a cold home answers as fast as a warm one), a store model's or a local
+    directory's ``config.json``, a hub model's ``config.json`` (from the local cache, else
+    that one file from the hub). None for a ``job_...`` reference (an earlier step's
+    product); ModelError when the depth cannot be read."""
+    from service.settings import get_settings
+    from service.store import is_artifact_id
+
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelError("model reference must be a non-empty string")
+    if ref.startswith("job_"):
+        return None
+    if ref.startswith("builtin:"):
+        name = ref.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise ModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
+        return gguf_block_count(_builtin_gguf(name))
+    if is_artifact_id(ref):
+        from service.store import ArtifactStore
+
+        store = ArtifactStore.from_settings(home=home or get_settings().home_dir())
+        return config_depth(store.path("model", ref) / "model" / "config.json", ref)
+    if ref.startswith(HUB_PREFIX):
+        repo = ref[len(HUB_PREFIX) :]
+        return config_depth(_hub_config(repo), repo)
+    p = Path(ref).expanduser()
+    if p.exists():
+        return config_depth(p / "config.json", ref)
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return config_depth(_hub_config(ref), ref)
+    raise ModelError(f"unknown model reference {ref!r}")
+
+
+def gguf_block_count(path: Path) -> int:
+    """``<architecture>.block_count`` from a GGUF's metadata. Read key by key from the
+    file's head and stopped at that key (gguf's GGUFReader parses every key and tensor
+    first: 6 s for the builtin's 49k-token vocabulary on this machine, against
+    milliseconds), so a request can afford it."""
+    try:
+        arch = gguf_value(path, "general.architecture").decode()
+        depth = int(gguf_value(path, f"{arch}.block_count"))
+    except (OSError, ValueError, KeyError, AttributeError, struct.error) as exc:
+        raise ModelError(f"cannot read the block count of {path.name}: {exc}") from exc
+    if depth < 1:
+        raise ModelError(f"{path.name} declares {depth} blocks")
+    return depth
+
+
+# GGUF value types (gguf.constants.GGUFValueType) -> struct format of a scalar.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_value(path: Path, name: str, max_keys: int = 10_000):
+    """The value of the metadata key ``name`` of the GGUF at ``path`` (None for an array)
+    (format: github.com/ggml-org/ggml, docs/gguf.md; little-endian, version 2 or 3)."""
+    with path.open("rb") as f:
+
+        def read(fmt: str):
+            size = struct.calcsize("<" + fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated file")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def string() -> bytes:
+            n = read("Q")
+            if n > 1 << 20:
+                raise ValueError("implausible string length")
+            data = f.read(n)
+            if len(data) != n:
+                raise ValueError("truncated file")
+            return data
+
+        def value(vtype: int):
+            if vtype in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[vtype])
+            if vtype == _GGUF_STRING:
+                return string()
+            if vtype == _GGUF_ARRAY:
+                itype, count = read("I"), read("Q")
+                if itype in _GGUF_SCALARS:  # skipped, not read: a vocabulary is large
+                    f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[itype]), 1)
+                else:
+                    for _ in range(min(count, 1 << 24)):
+                        value(itype)
+                return None
+            raise ValueError(f"unknown value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        if read("I") not in (2, 3):
+            raise ValueError("unsupported GGUF version")
+        _tensors, kv_count = read("Q"), read("Q")
+        for _ in range(min(kv_count, max_keys)):
+            key = string().decode("utf-8", "replace")
+            val = value(read("I"))
+            if key == name:
+                return val
+    raise KeyError(f"no metadata key {name}")
+
+
+def config_depth(config: Path | bytes, ref: str) -> int:
+    """The depth a ``config.json`` (a file, or its bytes) declares: top level, or a
+    multimodal model's ``text_config``."""
+    try:
+        if isinstance(config, Path) and config.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
+        raw = config.read_bytes() if isinstance(config, Path) else config
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
+        cfg = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config.json of {ref!r}: {type(exc).__name__}") from exc
+    for doc in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        if not isinstance(doc, dict):
+            continue
+        for key in DEPTH_KEYS:
+            depth = doc.get(key)
+            if type(depth) is int and 0 < depth <= 100_000:  # bool is an int: not a depth
+                return depth
+    raise ModelError(f"the config.json of {ref!r} declares no usable number of blocks")
+
+
+HUB_TIMEOUT = 5.0  # seconds for the one request an uncached hub config costs a submission
+
+
+def _hub_config(repo: str) -> Path | bytes:
+    """A hub model's config.json: the local cache's copy, else that one file from the hub
+    in one request (huggingface_hub's download retries for ~25 s when the hub is out of
+    reach: too long for a request to wait). HF_HUB_OFFLINE=1: the cache only."""
+    from huggingface_hub import constants, get_token, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo, "config.json")
+    except Exception as exc:  # a malformed repo id
+        raise ModelError(f"not a hub model id: {repo!r}") from exc
+    if isinstance(cached, str):
+        return Path(cached)
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(
+            f"cannot read the config of hub model {repo!r}: HF_HUB_OFFLINE=1 and it is not "
+            "in the local cache"
+        )
+    import httpx
+
+    token = get_token()
+    try:
+        r = httpx.get(
+            f"{constants.ENDPOINT}/{repo}/resolve/main/config.json",
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            follow_redirects=True,
+            timeout=HUB_TIMEOUT,
+        )
+        r.raise_for_status()
+    except httpx.HTTPError as exc:  # offline, unknown or gated repo
+        raise ModelError(
+            f"cannot read the config of hub model {repo!r}: {type(exc).__name__}"
+        ) from exc
+    return r.content

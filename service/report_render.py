@@ -77,3 +77,19 @@ def to_html(title: str, sections: list[tuple[str, list[Block]]], run_dir: Path) 
         out.append("</section>")
     out.append("</body></html>")
     return "\n".join(out)
+
+
+IMAGE_RE = re.compile(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)")
+
+
+def inline_images(markdown: str, run_dir: Path) -> str:
+    """``markdown`` with each ``![alt](file.png)`` of ``run_dir`` as a base64 data URI:
+    the markdown a client fetches over the API names no file it cannot fetch."""
+
+    def embed(m: re.Match[str]) -> str:
+        f = run_dir / m.group(2)
+        if not f.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()})"
+
+    return IMAGE_RE.sub(embed, markdown)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_up(home: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DISTILLERY_REDIS_URL")}
-    env.update(DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1")
+    env.update(DISTILLERY_HOME=str(home), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     return subprocess.Popen(
         [sys.executable, "-m", "api.cli", "up", "--port", str(port)],
         cwd=ROOT,
@@ -127,3 +127,108 @@ def test_up_runs_a_job_stops_cleanly_and_keeps_it(tmp_path, tiny_llama):
         assert job.status_code == 200 and job.json()["status"] == "succeeded"
     finally:
         assert stop(proc) == 0
+
+
+def redis_servers(home: Path) -> list[int]:
+    """Pids of redis-server processes with a file of this home's Redis folder open (a
+    redis-server rewrites its command line, so it is found by its open files)."""
+    from workers.lifeline import holders
+
+    def comm(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # ended meanwhile
+            return ""
+
+    return [pid for pid in holders(home / "redis") if comm(pid) == "redis-server"]
+
+
+def test_a_killed_up_leaves_nothing_and_a_restart_keeps_everything(tmp_path):
+    """SIGKILL (what the OOM killer or a closed terminal does): no piece outlives `up`;
+    the jobs and keys written up to the kill are there after a restart."""
+    from workers.redis_server import free_port
+
+    home, port = tmp_path / "home", free_port()
+    home.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_up(home, port)
+    try:
+        wait_ready(url, proc, home)
+        assert len(redis_servers(home)) == 1
+        key = (home / "api_key").read_text().strip()
+        auth = {"Authorization": f"Bearer {key}"}
+        rows = "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS[:2])
+        ds = httpx.post(
+            f"{url}/v1/datasets",
+            content=rows,
+            headers={**auth, "Content-Type": "application/x-ndjson"},
+        ).json()["id"]
+        # a hub teacher, offline: the job fails at once and costs no compute
+        job = httpx.post(f"{url}/v1/jobs", headers=auth, json={
+            "type": "distill", "teacher": "org/name", "dataset": ds}).json()  # fmt: skip
+        assert job["status"] == "queued", job
+
+        # A second `up` on this live home: refused, and it starts no Redis of its own.
+        second = subprocess.run(
+            [sys.executable, "-m", "api.cli", "up", "--port", str(free_port())],
+            cwd=ROOT, env={**os.environ, "DISTILLERY_HOME": str(home)},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 1 and "another `distillery up`" in second.stderr
+        assert "redis-server" in second.stderr  # it names the pieces it found
+        assert len(redis_servers(home)) == 1
+
+        made = cli(home, url, "keys", "create", "--tenant", "other")  # just before the kill
+        assert made.returncode == 0, made.stderr
+        other = made.stdout.strip()
+        assert len(pieces(home)) >= 4  # Redis, API, two workers (and maybe a job's child)
+    finally:
+        proc.kill()  # SIGKILL: `up` gets no chance to stop anything
+        proc.wait()
+    killed = time.monotonic()
+    left = wait_for(lambda: not pieces(home), 15, 0.1, "the pieces to end")
+    assert left, pieces(home)
+    print(f"every piece ended {time.monotonic() - killed:.2f}s after SIGKILL of up")
+
+    proc = start_up(home, port)
+    try:
+        wait_ready(url, proc, home)
+        assert len(redis_servers(home)) == 1
+        got = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=auth)
+        assert got.status_code == 200 and got.json()["spec"]["dataset"] == ds
+        assert httpx.get(f"{url}/v1/datasets/{ds}", headers=auth).status_code == 200
+        lst = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {other}"})
+        assert lst.status_code == 200, lst.text  # the key made a moment before the kill
+    finally:
+        assert stop(proc) == 0
+    assert pieces(home) == []
+
+
+def test_up_refuses_a_home_whose_redis_is_alive(tmp_path):
+    """A Redis still working on the home's files (an earlier stack's, or one started by
+    hand): `up` says so and exits, and never starts a second server on the same AOF."""
+    from workers.redis_server import free_port
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DISTILLERY_REDIS_URL")}
+    env["DISTILLERY_HOME"] = str(home)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "workers.redis_server"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        redis_url = first.stdout.readline().strip()
+        assert redis_url.startswith("redis://")
+        [pid] = redis_servers(home)
+        up = subprocess.run(
+            [sys.executable, "-m", "api.cli", "up", "--port", str(free_port())],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert up.returncode == 1, up.stderr
+        assert "in use by" in up.stderr and f"pid {pid}" in up.stderr, up.stderr
+        assert redis_servers(home) == [pid]  # no second server on the same files
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(30)
+    assert redis_servers(home) == []

@@ -409,6 +409,10 @@ def test_hostile_job_bodies_get_clear_4xx(api):
         error(r, status)
     r = api.post("/v1/jobs", content=b"type=distill", headers={"Content-Type": "text/plain"})
     assert 400 <= r.status_code < 500
+    for kind in ("text/plain", None):  # JSON sent without saying so: a message that says so
+        headers = {"Content-Type": kind} if kind else {}
+        r = api.post("/v1/jobs", content=json.dumps(GOOD).encode(), headers=headers)
+        assert "sent as application/json" in error(r, 422)["message"], r.text
     for field, value in ABSURD:
         err = error(api.post("/v1/jobs", json={**GOOD, field: value}), 422)
         assert err["code"] == "invalid_request"
@@ -436,9 +440,11 @@ def test_hostile_queries_and_headers(api):
         "/v1/datasets?limit=abc",
         "/v1/jobs/job_x/events?after=../x",
         "/v1/jobs/job_x/report?format=../../etc",
+        "/v1/jobs?after=../x",
+        "/v1/jobs?after=garbage",  # as events' ?after=garbage
     ):
         assert error(api.get(path), 422)["code"] == "invalid_request", path
-    assert api.get("/v1/jobs?after=../x").json()["data"] == []
+    assert api.get("/v1/jobs?after=job_" + "0" * 20).json()["data"] == []  # an unknown cursor
     r = api.post(
         "/v1/jobs",
         json={"type": "distill", "dataset": "ds_x"},

@@ -5,7 +5,7 @@ with its cached engine) and the trainer's child process (``python -m workers.chi
 the spec again, resolves inputs, calls the ``service`` run function with a
 :class:`~workers.reporter.RecordReporter`, turns the products into artifacts and finishes
 the record: succeeded (metrics, artifact ids), cancelled, or failed (code, message,
-where). Within a pipeline, a failed or cancelled step fails or cancels the pipeline and
+where, error id). Within a pipeline, a failed or cancelled step fails or cancels the pipeline and
 its remaining steps; the last step (``report``) builds the summary table.
 
 A sharded distill job (``workers/shards.py``) is a parent too: its shards
@@ -16,16 +16,18 @@ pipeline) and its children's children (that step's shards).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
-import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from service.errors import CancelledError, DistilleryError
+from service.redact import redact, redact_text
 from service.settings import get_settings
 from service.specs import JOB_SPECS, DistillShardSpec
 from service.store import ArtifactStore
@@ -33,6 +35,7 @@ from workers import records, shards
 from workers.outputs import artifact_id_for, register_outputs, resolve_job_refs, work_dir
 from workers.reporter import RecordReporter
 
+log = logging.getLogger(__name__)
 SPECS = {**JOB_SPECS, shards.SHARD_TYPE: DistillShardSpec}
 TEACHER_TYPES = ("distill", shards.SHARD_TYPE)
 
@@ -42,22 +45,34 @@ class StepFailed(Exception):
 
 
 def error_doc(exc: BaseException, job_type: str) -> dict:
-    """{code, message, where, trace}: where is the innermost frame for an unexpected error."""
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = f"{tb[-1].filename}:{tb[-1].lineno} in {tb[-1].name}" if tb else job_type
+    """{code, message, where, error_id} for the record, which clients read: the job type
+    as ``where``, no trace, no server path (``service.redact``); an unexpected error's
+    message names only its type. The full message, the innermost frame and the trace go
+    to the server's log with the same ``error_id`` (a key of its own in JSON logs)."""
+    error_id = new_error_id()
     if isinstance(exc, DistilleryError):
+        log.warning("%s failed (error id %s): %s", job_type, error_id, exc,
+                    extra={"error_id": error_id})  # fmt: skip
         return {
             "code": exc.code,
-            "message": exc.message,
+            "message": redact_text(exc.message),
             "where": job_type,
-            "details": exc.details,
+            "details": redact(exc.details),
+            "error_id": error_id,
         }
+    log.error("%s failed (error id %s): %s: %s", job_type, error_id, type(exc).__name__, exc,
+              exc_info=exc, extra={"error_id": error_id})  # fmt: skip
     return {
         "code": "internal",
-        "message": f"{type(exc).__name__}: {exc}",
-        "where": where,
-        "trace": "".join(traceback.format_exception(exc)[-12:]),
+        "message": f"internal error ({type(exc).__name__}); the server's log holds the "
+        f"details under error id {error_id}",
+        "where": job_type,
+        "error_id": error_id,
     }
+
+
+def new_error_id() -> str:
+    return f"err_{uuid.uuid4().hex[:16]}"
 
 
 def run_step(job_type: str, spec: Any, work: Path, reporter: RecordReporter, engine=None) -> dict:
@@ -117,6 +132,10 @@ def start(conn: redis.Redis, job: dict) -> bool:
         records.add_event(
             conn, job["id"], f"resumed (attempt {attempts})", level="warning", data=data
         )
+    pipeline = _pipeline_of(conn, job)
+    if pipeline:  # the pipeline's own stream follows its steps
+        records.add_event(conn, pipeline, f"{job['step']}: running",
+                          data={**data, "pipeline_step": job["step"], "job_id": job["id"]})  # fmt: skip
     parent = job["parent"]
     while parent:  # a shard of a pipeline's distill step starts both
         records.transition(conn, parent, ("queued",), "running", started_at=now)
@@ -164,7 +183,9 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     if is_shard:
         reporter: RecordReporter = shards.ShardReporter(conn, job, deadline=deadline)
     else:
-        reporter = RecordReporter(conn, job_id, deadline=deadline)
+        pipeline = _pipeline_of(conn, job)
+        reporter = RecordReporter(conn, job_id, deadline=deadline, forward_to=pipeline,
+                                  step=job["step"] or job["type"])  # fmt: skip
     try:
         raw = resolve_job_refs(conn, job["tenant"], job["spec"])
         spec = SPECS[job["type"]].model_validate(raw)
@@ -210,6 +231,13 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     return "succeeded"
 
 
+def _pipeline_of(conn: redis.Redis, job: dict) -> str | None:
+    """The pipeline a step belongs to (None for a job of its own or a shard)."""
+    if not job["parent"] or job["type"] == shards.SHARD_TYPE:
+        return None
+    return job["parent"] if records.get_type(conn, job["parent"]) == "pipeline" else None
+
+
 def worker_gone() -> bool:
     """In a job's child process (``workers.child``): whether the worker that started it,
     ``DISTILLERY_WORKER_PID``, has died. Always False in a worker itself."""
@@ -236,6 +264,10 @@ def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
         finished_at=time.time(),
         **fields,
     )
+    if moved and job["parent"] and job["type"] != shards.SHARD_TYPE:
+        records.add_event(conn, job["parent"], f"{job['step']}: {status}",
+                          level="info" if status == "succeeded" else "warning",
+                          data={"pipeline_step": job["step"], "job_id": job["id"]})  # fmt: skip
     if moved and job["parent"] and status != "succeeded":
         what = "failed" if status == "failed" else "was cancelled"
         error = fields.get("error") or {"code": "cancelled", "message": "cancelled"}

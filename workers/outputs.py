@@ -24,8 +24,9 @@ from typing import Any
 
 import redis
 
-from service.errors import SpecError
+from service.errors import ModelError, SpecError
 from service.models import HUB_PREFIX
+from service.redact import redact
 from service.store import ArtifactStore, NotFound, is_artifact_id, new_id
 from workers import records
 
@@ -156,15 +157,26 @@ def check_api_ref(field: str, ref: str) -> str:
 
 
 def check_depth(store: ArtifactStore, spec: dict) -> None:
-    """``blocks`` must leave at least one block of a store model (its manifest knows the
-    depth; other references are checked by the job itself)."""
+    """``blocks`` must leave at least one block of the model, whatever kind of reference
+    names it: a store model's manifest knows its depth, the others' metadata does
+    (``service.models.model_depth``: a builtin's GGUF header, a config.json), so a cold
+    home refuses what a warm one does. A ``job_...`` model (an earlier step's product) is
+    checked by the job itself."""
+    from service.models import model_depth
+
     blocks, model = spec.get("blocks"), spec.get("model")
-    if not isinstance(blocks, int) or not isinstance(model, str) or not model.startswith("mdl_"):
+    if not isinstance(blocks, int) or not isinstance(model, str) or model.startswith("job_"):
         return
-    try:
-        depth = (store.manifest("model", model).get("info") or {}).get("num_hidden_layers")
-    except NotFound:
-        return
+    if model.startswith("mdl_"):
+        try:
+            depth = (store.manifest("model", model).get("info") or {}).get("num_hidden_layers")
+        except NotFound:
+            return  # check_refs has answered 404 already
+    else:
+        try:
+            depth = model_depth(model)
+        except ModelError as exc:
+            raise SpecError(f"model: {exc.message}", {"field": "model"}) from exc
     if isinstance(depth, int) and blocks >= depth:
         raise SpecError(
             f"blocks: cannot remove {blocks} blocks from {model}, which has {depth}; "
@@ -251,9 +263,9 @@ def register_outputs(
         from service.models import model_info
 
         manifest.update(parents=parents_of(job["type"], spec), info=model_info(src))
-        manifest["metrics"] = {
-            k: v for k, v in result.items() if isinstance(v, int | float | str | list)
-        }
+        manifest["metrics"] = redact(
+            {k: v for k, v in result.items() if isinstance(v, int | float | str | list)}
+        )
     elif kind == "dataset":
         manifest.update(
             name=f"distilled by {job['id']}",

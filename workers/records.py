@@ -12,7 +12,10 @@ Events (status changes, progress, warnings) go to a Redis stream per job,
 ``XREAD BLOCK`` for a live stream. A status change and its event are written by one Lua
 script, so a reader never sees one without the other.
 
-The API and the workers share this module; neither touches the keys directly.
+The API and the workers share this module; neither touches the keys directly. What is
+written here is what clients read, so every field but the spec (which must rerun as it
+was submitted) and every event pass through ``service.redact``: no server path reaches
+a record, an event, a metric or an error (the full text stays in the server's log).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import redis
 
+from service.redact import redact, redact_text
 from workers import stats
 
 PREFIX = "distillery"
@@ -51,6 +55,16 @@ def new_job_id() -> str:
 
 def _dumps(v: Any) -> str:
     return json.dumps(v, default=str, separators=(",", ":"))
+
+
+def _field(k: str, v: Any) -> str:
+    """A record field as stored: JSON fields as JSON text; server paths hidden, except in
+    the spec."""
+    if k == "spec":
+        return _dumps(v)
+    if k in JSON_FIELDS or k == "data":  # "data": an event's
+        return _dumps(redact(json.loads(_dumps(v))))
+    return redact_text(str(v))
 
 
 # KEYS: job hash, events stream, job counts hash, running set (workers/stats.py).
@@ -175,7 +189,7 @@ async def aget_many(aconn, job_ids: list[str]) -> list[dict]:
 
 def update(conn: redis.Redis, job_id: str, **fields: Any) -> None:
     """Set fields; JSON fields are serialised, others stored as text."""
-    mapping = {k: (_dumps(v) if k in JSON_FIELDS else str(v)) for k, v in fields.items()}
+    mapping = {k: _field(k, v) for k, v in fields.items()}
     conn.hset(job_key(job_id), mapping=mapping)
 
 
@@ -190,9 +204,9 @@ def transition(
     """Atomically move status from one of ``allowed`` to ``to``, set ``fields`` and append
     a status event. False when the job was in another status (e.g. already cancelled)."""
     assert to in STATUSES
-    args: list[str] = [_dumps(list(allowed)), to, _dumps(data or {}), str(EVENTS_MAXLEN)]
+    args: list[str] = [_dumps(list(allowed)), to, _field("data", data or {}), str(EVENTS_MAXLEN)]
     for k, v in fields.items():
-        args += [k, _dumps(v) if k in JSON_FIELDS else str(v)]
+        args += [k, _field(k, v)]
     keys = (job_key(job_id), events_key(job_id), stats.JOBS_KEY, stats.RUNNING_KEY)
     moved = conn.eval(_TRANSITION, len(keys), *keys, *args)
     if moved == 1 and to in TERMINAL:
@@ -206,6 +220,11 @@ def request_cancel(conn: redis.Redis, job_id: str) -> None:
 
 def cancel_requested(conn: redis.Redis, job_id: str) -> bool:
     return conn.hget(job_key(job_id), "cancel_requested") in (b"1", "1")
+
+
+def get_type(conn: redis.Redis, job_id: str) -> str | None:
+    t = conn.hget(job_key(job_id), "type")
+    return t.decode() if isinstance(t, bytes) else t
 
 
 def status(conn: redis.Redis, job_id: str) -> str | None:
@@ -227,7 +246,12 @@ def add_event(
 ) -> str:
     eid = conn.xadd(
         events_key(job_id),
-        {"type": type, "level": level, "message": message, "data": _dumps(data or {})},
+        {
+            "type": type,
+            "level": level,
+            "message": redact_text(message),
+            "data": _field("data", data or {}),
+        },  # fmt: skip
         maxlen=EVENTS_MAXLEN,
         approximate=True,
     )
@@ -245,8 +269,8 @@ def decode_event(eid: Any, fields: dict) -> dict:
         "created_at": int(eid.split("-")[0]) / 1000.0,
         "type": f.get("type", "log"),
         "level": f.get("level", "info"),
-        "message": f.get("message", ""),
-        "data": json.loads(f.get("data") or "{}"),
+        "message": redact_text(f.get("message", "")),  # an event written before redaction
+        "data": redact(json.loads(f.get("data") or "{}")),
     }
 
 

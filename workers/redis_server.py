@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,8 +95,16 @@ class RedisServer:
             url_file.unlink()
 
 
-def start_redis(data_dir: Path, port: int | None = None, wait: float = 20.0) -> RedisServer:
-    """Start redis-server with AOF under ``data_dir``; return once it answers PING."""
+def start_redis(
+    data_dir: Path,
+    port: int | None = None,
+    wait: float = 20.0,
+    preexec_fn: Callable[[], None] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> RedisServer:
+    """Start redis-server with AOF under ``data_dir``; return once it answers PING.
+    ``preexec_fn`` and ``pass_fds`` go to ``Popen`` (``distillery up`` ties the server's
+    life to its own and hands it its home lock: ``api/up.py``)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     exe = redis_executable()
     last_error = ""
@@ -118,6 +127,8 @@ def start_redis(data_dir: Path, port: int | None = None, wait: float = 20.0) -> 
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C in a terminal reaches `up`, which stops us in order
+            preexec_fn=preexec_fn,
+            pass_fds=pass_fds,
         )
         url = f"redis://127.0.0.1:{p}/0"
         deadline = time.monotonic() + wait

@@ -7,6 +7,10 @@ seconds, a progress event at most once a second) so a fast loop cannot flood Red
 running work stops at its next batch or step; ``check()`` also enforces the job's
 deadline, which is how the teacher worker times out a job without killing its process
 (and its loaded engine).
+
+A pipeline's step also forwards its progress and log events to the pipeline's own
+stream (``forward_to``), each with the step's name in ``pipeline_step``, so a client following the
+pipeline sees its steps advance rather than nothing between ``running`` and the end.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ class RecordReporter(Reporter):
         deadline: float | None = None,
         every: float = 0.5,
         event_every: float = 1.0,
+        forward_to: str | None = None,
+        step: str | None = None,
     ):
         self.conn = conn
         self.job_id = job_id
+        self.forward_to, self.step = forward_to, step  # the pipeline, and this step's name
         self.deadline = deadline  # time.monotonic() value; None = no limit
         self.every = every
         self.event_every = event_every
@@ -61,6 +68,10 @@ class RecordReporter(Reporter):
         self._dirty = False
         if now - self._last_event >= self.event_every:
             records.add_event(self.conn, self.job_id, "progress", type="progress", data=doc)
+            if self.forward_to:
+                records.add_event(self.conn, self.forward_to, f"{self.step}: progress",
+                                  type="progress", data={**doc, "job_id": self.job_id,
+                                                         "pipeline_step": self.step})  # fmt: skip
             self._last_event = now
 
     def flush(self) -> None:
@@ -70,6 +81,9 @@ class RecordReporter(Reporter):
 
     def event(self, message: str, level: str = "info", **data: Any) -> None:
         records.add_event(self.conn, self.job_id, message, type="log", level=level, data=data)
+        if self.forward_to:
+            records.add_event(self.conn, self.forward_to, f"{self.step}: {message}", type="log",
+                              level=level, data={**data, "job_id": self.job_id, "pipeline_step": self.step})  # fmt: skip
 
     def cancelled(self) -> bool:
         now = time.monotonic()

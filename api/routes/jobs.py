@@ -27,6 +27,8 @@ from api.schemas import (
     to_spec,
 )
 from service.errors import DistilleryError
+from service.redact import redact_text
+from service.report_render import inline_images
 from service.settings import get_settings
 from service.store import ArtifactStore, NotFound
 from workers import records
@@ -124,7 +126,11 @@ def list_jobs(
     caller: CallerDep,
     conn: RedisDep,
     after: Annotated[
-        str | None, Query(description="Cursor: the last id of the previous page.")
+        str | None,
+        Query(
+            pattern=r"^job_[0-9a-f]{16,32}$",  # garbage is a 422, as for events' ?after=
+            description="Cursor: the last id of the previous page.",
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     status: JobStatus | None = None,
@@ -194,9 +200,11 @@ def get_report(
             {"status": rec["status"], "type": rec["type"]},
         )
     folder = store.path("run", report)
-    if format == "md":
-        return FileResponse(folder / "report.md", media_type="text/markdown")
-    return FileResponse(folder / "report.html", media_type="text/html")
+    # The report lists each step's spec as the run wrote it, paths on the server included.
+    text = redact_text((folder / f"report.{format}").read_text())
+    if format == "md":  # its figures inline: a client cannot fetch files beside it
+        return Response(inline_images(text, folder), media_type="text/markdown; charset=utf-8")
+    return Response(text, media_type="text/html; charset=utf-8")
 
 
 @router.get(
