@@ -82,6 +82,21 @@ class Settings(BaseSettings):
         "job runs data parallel under torchrun, one process per GPU (gloo on CPU).",
     )
 
+    # -- the vLLM teacher (service/teacher/vllm_engine.py) ------------------------------
+    vllm_kv_cache_gib: float = Field(
+        default=2,
+        gt=0,
+        description="KV cache of a vLLM teacher on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE, when "
+        "that is unset). 2 GiB holds ~46k fp32 tokens of the builtin model: ~100 rows of "
+        "200 prompt + 256 new tokens decoding at once; more rows wait their turn.",
+    )
+    vllm_enforce_eager: bool = Field(
+        default=False,
+        description="Run vLLM without torch.compile: starts without the first-start inductor "
+        "compile (~70 s, then cached under ~/.cache/vllm) at some cost per step. The tests "
+        "set it, since each of their tiny models would be compiled anew.",
+    )
+
     # -- deployment (docs/deploy.md) ---------------------------------------------------
     store_url: str | None = Field(
         default=None,
