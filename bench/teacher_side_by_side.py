@@ -13,8 +13,8 @@ row of both sets in turn, the next round in reverse order. Rows:
 - ``vllm-direct-<dtype>``: ``LLM.generate`` on the prompt token ids of ``render_prompt``,
   nothing around it (the same ``LLM`` the next row wraps);
 - ``vllm-<dtype>``: Distillery's ``VLLMEngine.generate`` on the same requests;
-- ``distill-vllm-<dtype>`` (distill set): ``run_distill`` on the same Alpaca rows, one
-  engine call, judging and the output file included.
+- ``distill-vllm-<dtype>`` (distill set, ``--distill-dtypes``): ``run_distill`` on the
+  same Alpaca rows, one engine call, judging and the output file included.
 
 Tokens/s: generated tokens (EOS included) over the wall time of the call, summed over the
 rounds. "same": outputs whose text equals ``hf64``'s. ``--quality``: ``run_distill`` on the
@@ -72,7 +72,7 @@ class SideBySide:
         out = ["hf64", "fast"]
         for d in self.vllm:
             out += [f"vllm-direct-{d}", f"vllm-{d}"]
-            if set_name == "distill":
+            if set_name == "distill" and d in self.args.distill_dtypes.split(","):
                 out.append(f"distill-vllm-{d}")
         return out
 
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sets", default="gsm8k,distill")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--distill-dtypes", default="float32", help="dtypes of the run_distill row")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--startup", default="", help="engines, e.g. hf@64,fast,vllm (empty: skip)")
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"Distillery vLLM path / vLLM direct ({d}): {path:.3f}")
     report["sets"] = rows
     if args.quality:
-        report["quality"] = quality(bench.vllm, args.n, 256)
+        report["quality"] = quality(bench.vllm, args.n, args.max_new_tokens)
         print("\nquality (GSM8K train rows, math template):", json.dumps(report["quality"]))
     del bench
     if args.startup:

