@@ -62,7 +62,10 @@ class DistillSpec(Spec):
         "more rows they get the fuller they stay).",
     )
     engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
-        "auto", description="Teacher engine: auto picks vLLM on a GPU, else the fast CPU engine."
+        "auto",
+        description="Teacher engine. auto: vLLM on a GPU; on a CPU vLLM for jobs of 256 rows "
+        "or more and the fast engine below (vLLM's start-up costs tens of seconds); the fast "
+        "engine where vLLM is not installed.",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
