@@ -14,8 +14,11 @@ ENGINES = ("hf", "fast", "vllm", "openai")
 
 
 # ``auto`` on a CPU: vLLM for a job of at least this many rows, the fast engine below it,
-# where vLLM's start-up (tens of seconds: imports, model inspection, KV cache) would cost
-# more than its faster decoding saves. Measured in docs/performance.md.
+# where vLLM's start-up (tens of seconds: imports, model inspection, KV cache) costs more
+# than its decoding saves. docs/performance.md (issue 14, shared 2-core AVX2 machine):
+# `distillery distill` of 16 GSM8K rows took 64.4 s on fast, 88.6 s on vllm, 148.4 s on
+# plain generate; vLLM fp32 decoded at 1.77x fast on GSM8K prompts, 0.98x on distillation
+# prompts. 256 is set from those figures, not a measured break-even.
 AUTO_VLLM_MIN_ROWS = 256
 
 
