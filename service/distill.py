@@ -42,7 +42,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -51,7 +51,8 @@ from service.datasets import Row, dataset_path, read_dataset, write_jsonl
 from service.errors import DistilleryError, SpecError
 from service.progress import Reporter
 from service.specs import DistillShardSpec, DistillSpec
-from service.teacher.base import GenParams, TeacherEngine, make_engine
+from service.teacher.base import GenParams, TeacherEngine
+from service.teacher.factory import make_engine, pick_engine
 from service.templates import build_request, judge
 
 __all__ = [
@@ -260,10 +261,16 @@ def summarise(finished: list[Finished], engine: str, seconds: float, new_tokens:
     }
 
 
-def engine_options(spec: DistillSpec) -> dict:
-    # The hf engine splits what it is given into sub-batches of its own size; keep it
-    # equal to the spec's so one planned batch is one model.generate call.
-    return {"batch_size": batch_size_for(spec, "hf")} if spec.engine == "hf" else {}
+def engine_options(spec: DistillSpec, name: str | None = None) -> dict:
+    """Options of engine ``name`` (default ``spec.engine``) that the spec decides."""
+    name = name or spec.engine
+    if name == "hf":
+        # The hf engine splits what it is given into sub-batches of its own size; keep it
+        # equal to the spec's so one planned batch is one model.generate call.
+        return {"batch_size": batch_size_for(spec, "hf")}
+    if name == "vllm":
+        return {"dtype": spec.dtype}
+    return {}
 
 
 def run_distill(
@@ -271,11 +278,14 @@ def run_distill(
     out: Path,
     reporter: Reporter | None = None,
     engine: TeacherEngine | None = None,
+    engine_for: Callable[[DistillSpec, str], TeacherEngine] | None = None,
 ) -> dict:
     """Distil ``spec.dataset`` into ``out`` (JSONL) and return the summary.
 
-    ``engine``: an already-loaded teacher (the teacher worker keeps one between jobs);
-    when None, one is built from the spec and closed at the end.
+    ``engine``: an already-loaded teacher. ``engine_for(spec, name)``: where a teacher
+    worker keeps engines loaded between jobs, gives engine ``name`` (``auto`` resolved
+    for this job's row count, ``factory.pick_engine``). With neither, an engine is built
+    from the spec and closed at the end.
     """
     t0 = time.monotonic()
     reporter = reporter or Reporter()
@@ -287,9 +297,13 @@ def run_distill(
     if isinstance(spec, DistillShardSpec):
         lo, hi = shard_bounds(len(rows), spec.shards)[spec.shard]
     dataset_sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
-    own_engine = engine is None
+    own_engine = engine is None and engine_for is None
     if engine is None:
-        engine = make_engine(spec.engine, spec.teacher, **engine_options(spec))
+        name = pick_engine(spec.engine, rows=hi - lo)
+        if engine_for is not None:
+            engine = engine_for(spec, name)
+        else:
+            engine = make_engine(name, spec.teacher, **engine_options(spec, name))
     try:
         partial = out.with_name(out.name + PARTIAL_SUFFIX)
         header = job_header(spec, dataset_sha256, engine.name, len(rows))

@@ -40,6 +40,7 @@ def step_specs(spec: PipelineSpec, out: Path) -> dict:
             limit=spec.limit,
             max_new_tokens=spec.max_new_tokens,
             engine=spec.engine,
+            dtype=spec.dtype,
             seed=spec.seed,
             shards=spec.shards,
         ),

@@ -82,6 +82,22 @@ class Settings(BaseSettings):
         "job runs data parallel under torchrun, one process per GPU (gloo on CPU).",
     )
 
+    # -- the vLLM teacher (service/teacher/vllm_engine.py) ------------------------------
+    vllm_kv_cache_gib: float = Field(
+        default=2,
+        gt=0,
+        description="KV cache of a vLLM teacher on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE, when "
+        "that is unset). 2 GiB holds ~46k fp32 tokens of the builtin model: ~100 rows of "
+        "200 prompt + 256 new tokens decoding at once; more rows wait their turn.",
+    )
+    vllm_enforce_eager: bool | None = Field(
+        default=None,
+        description="Run vLLM without torch.compile. Unset: eager on a CPU, compiled on a "
+        "GPU. On this 2-core CPU the compiled engine took 392-489 s to start (inductor; "
+        "the cache under ~/.cache/vllm did not make the second start short) against "
+        "~40 s eager, and decoded no faster (docs/performance.md).",
+    )
+
     # -- deployment (docs/deploy.md) ---------------------------------------------------
     store_url: str | None = Field(
         default=None,

@@ -62,7 +62,17 @@ class DistillSpec(Spec):
         "more rows they get the fuller they stay).",
     )
     engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
-        "auto", description="Teacher engine: auto picks vLLM on a GPU, else the fast CPU engine."
+        "auto",
+        description="Teacher engine. auto: vLLM on a GPU; on a CPU vLLM for jobs of 256 rows "
+        "or more and the fast engine below (vLLM's start-up costs tens of seconds); the fast "
+        "engine where vLLM is not installed.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Teacher weights and activations for the vllm engine: float32 is exact "
+        "(greedy output equals plain generate where the top-2 margin is clear); bfloat16 "
+        "is faster on CPUs with AVX512-BF16 or AMX, at a quality cost measured in "
+        "docs/performance.md. The hf and fast engines run float32.",
     )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -202,6 +212,9 @@ class PipelineSpec(Spec):
     template: Literal["auto", "general", "math"] = "auto"
     engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
         "auto", description="Teacher engine for the distill step."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Teacher dtype of the distill step on the vllm engine."
     )
     lora_rank: int = Field(8, ge=1, le=1024)
     lora_alpha: float = Field(16, gt=0, le=4096)

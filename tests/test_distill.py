@@ -30,7 +30,8 @@ from service.distill import (
 from service.errors import CancelledError, DistilleryError, SpecError
 from service.progress import Reporter
 from service.specs import DistillShardSpec, DistillSpec
-from service.teacher.base import GenParams, Request, make_engine
+from service.teacher.base import GenParams, Request
+from service.teacher.factory import make_engine
 from service.teacher.hf_engine import HFEngine, render_prompt
 from tests.agree import draws_agree, greedy_agrees
 from tests.conftest import ALPACA_ROWS, GSM8K_ROWS

@@ -11,7 +11,6 @@ answer is a 503.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
@@ -23,7 +22,8 @@ import torch
 from agree import TOL, draws_agree, forced_logits, greedy_agrees
 from conftest import GSM8K_ROWS, SHARED_DATA, peaked_copy
 
-from service.teacher.base import GenParams, Request, make_engine
+from service.teacher.base import GenParams, Request
+from service.teacher.factory import make_engine
 from service.teacher.fast_engine import FastEngine
 from service.teacher.hf_engine import HFEngine, render_prompt
 from service.teacher.kv import SlotCache
@@ -390,19 +390,6 @@ def test_openai_engine_against_a_real_server(hf):
     # Connection refused after the server is gone: retried, then a clear error.
     with pytest.raises(TeacherServerError, match="failed"):
         OpenAIEngine(url, model="tiny", retries=1, backoff=0.01).generate(reqs[:1], params)
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
-    reason="vLLM and a GPU are needed",
-)
-def test_vllm_engine_greedy_and_prefill(tiny_llama):
-    engine = make_engine("vllm", str(tiny_llama), gpu_memory_utilization=0.3, dtype="float32")
-    reqs = [chat(q) for q in QUESTIONS[:4]] + [chat(QUESTIONS[2], prefill="Sure. ")]
-    out = engine.generate(reqs, GenParams(max_new_tokens=8))
-    assert len(out) == len(reqs) and all(0 < g.tokens <= 8 for g in out)
-    again = engine.generate(reqs, GenParams(max_new_tokens=8))
-    assert [g.text for g in out] == [g.text for g in again]
 
 
 @pytest.mark.slow

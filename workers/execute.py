@@ -75,7 +75,9 @@ def new_error_id() -> str:
     return f"err_{uuid.uuid4().hex[:16]}"
 
 
-def run_step(job_type: str, spec: Any, work: Path, reporter: RecordReporter, engine=None) -> dict:
+def run_step(
+    job_type: str, spec: Any, work: Path, reporter: RecordReporter, engine_for=None
+) -> dict:
     """Call the service's run function for ``job_type``; outputs go under ``work``."""
     if job_type == "prune":
         from service.prune import run_prune
@@ -84,7 +86,7 @@ def run_step(job_type: str, spec: Any, work: Path, reporter: RecordReporter, eng
     if job_type in TEACHER_TYPES:
         from service.distill import run_distill
 
-        return run_distill(spec, work / "rows.jsonl", reporter, engine=engine)
+        return run_distill(spec, work / "rows.jsonl", reporter, engine_for=engine_for)
     if job_type == "finetune":
         from service.finetune import run_finetune
 
@@ -159,7 +161,7 @@ def _worker_name() -> str | None:
 
 
 def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | None = None) -> str:
-    """Run job ``job_id``; return its final status. ``engine_for(spec)`` gives the teacher
+    """Run job ``job_id``; return its final status. ``engine_for(spec, name)`` gives the teacher
     worker's cached engine for a distill job."""
     job = records.get(conn, job_id)
     if job is None:
@@ -195,9 +197,7 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
             reporter.progress(rows_done=result["rows"], rows_total=result["rows"],
                               shards=len(job["children"]), shards_done=len(job["children"]))  # fmt: skip
         else:
-            use_engine = engine_for is not None and job["type"] in TEACHER_TYPES
-            engine = engine_for(spec) if use_engine else None
-            result = run_step(job["type"], spec, work, reporter, engine=engine)
+            result = run_step(job["type"], spec, work, reporter, engine_for=engine_for)
         reporter.flush()
         if job["type"] in TEACHER_TYPES and not is_gather:
             import torch

@@ -43,12 +43,22 @@ _ENGINES: OrderedDict[tuple, Any] = OrderedDict()
 MAX_ENGINES = 1
 
 
-def cached_engine(spec) -> Any:
+def cached_engine(spec, name: str | None = None) -> Any:
+    """The loaded engine ``name`` (default ``spec.engine``) for ``spec``'s teacher, built
+    on first use. A job with ``engine: auto`` takes whichever of auto's engines is already
+    loaded for its teacher: swapping engines by job size would reload a model per job."""
     from service.distill import engine_options
     from service.teacher import make_engine
 
-    options = engine_options(spec)
-    key = (spec.engine, spec.teacher, tuple(sorted(options.items())))
+    name = name or spec.engine
+    options = engine_options(spec, name)
+    key = (name, spec.teacher, tuple(sorted(options.items())))
+    if key not in _ENGINES and spec.engine == "auto":
+        for held in reversed(_ENGINES):
+            same_options = tuple(sorted(engine_options(spec, held[0]).items())) == held[2]
+            if held[0] in ("fast", "vllm") and held[1] == spec.teacher and same_options:
+                key = held
+                break
     if key in _ENGINES:
         _ENGINES.move_to_end(key)
         return _ENGINES[key]
@@ -56,8 +66,8 @@ def cached_engine(spec) -> Any:
         _, old = _ENGINES.popitem(last=False)
         old.close()
     t0 = time.monotonic()
-    engine = make_engine(spec.engine, spec.teacher, **options)
-    log.info("loaded teacher %s (%s) in %.1fs", spec.teacher, spec.engine, time.monotonic() - t0)
+    engine = make_engine(name, spec.teacher, **options)
+    log.info("loaded teacher %s (%s) in %.1fs", spec.teacher, name, time.monotonic() - t0)
     _ENGINES[key] = engine
     return engine
 

@@ -1,4 +1,5 @@
-"""The teacher engine interface.
+"""The teacher engine interface (the engines and ``make_engine`` import this, never the
+reverse: ``service/teacher/factory.py`` builds engines by name).
 
 An engine turns chat requests into completions. A request is a conversation (OpenAI-style
 ``messages``) plus an optional ``prefill``: text the assistant turn starts with (the SDFT
@@ -41,6 +42,18 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+def render_prompt(tokenizer, request: Request) -> list[int]:
+    """Prompt tokens of a request: the chat template with the generation prompt, then
+    the prefill as plain text. The rendered text already holds every special token, so
+    the tokenizer adds none. Every engine that tokenizes locally uses this, so they all
+    see the same ids. (SmolLM2's template adds its default system prompt when a
+    request has no system turn; that is left as the template does it.)"""
+    text = tokenizer.apply_chat_template(
+        request.as_openai(), tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(text + request.prefill, add_special_tokens=False)["input_ids"])
+
+
 class TeacherEngine(ABC):
     name: str = "base"
 
@@ -57,43 +70,8 @@ class TeacherEngine(ABC):
         ``hf_engine.render_prompt``), else characters (a proxy for remote engines)."""
         tokenizer = getattr(self, "tokenizer", None)
         if tokenizer is not None:
-            from service.teacher.hf_engine import render_prompt
-
             return len(render_prompt(tokenizer, request))
         return sum(len(c) for _, c in request.messages) + len(request.prefill)
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op for most engines
         """Free what the engine holds (a vLLM engine is freed by ending its process)."""
-
-
-def make_engine(name: str, model_ref: str, **options) -> TeacherEngine:
-    """Build an engine by name. ``auto`` is vLLM on a GPU when importable, else ``fast``."""
-    if name == "auto":
-        import importlib.util
-
-        import torch
-
-        gpu = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-        name = "vllm" if gpu else "fast"
-        try:
-            if name == "fast":
-                import service.teacher.fast_engine  # noqa: F401
-        except ImportError:
-            name = "hf"
-    if name == "hf":
-        from service.teacher.hf_engine import HFEngine
-
-        return HFEngine(model_ref, **options)
-    if name == "fast":
-        from service.teacher.fast_engine import FastEngine
-
-        return FastEngine(model_ref, **options)
-    if name == "vllm":
-        from service.teacher.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_ref, **options)
-    if name == "openai":
-        from service.teacher.openai_engine import OpenAIEngine
-
-        return OpenAIEngine(model_ref, **options)
-    raise ValueError(f"unknown teacher engine {name!r}")

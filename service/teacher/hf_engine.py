@@ -2,7 +2,7 @@
 
 It is the reference every other engine is held to: its greedy output is what the fast
 CPU engine must reproduce token for token, and :func:`render_prompt` is the one way
-all engines turn a request into prompt tokens.
+all engines turn a request into prompt tokens (it lives in ``base.py``).
 
     from service.teacher.base import GenParams, Request
     from service.teacher.hf_engine import HFEngine
@@ -22,18 +22,13 @@ from __future__ import annotations
 import torch
 
 from service.models import load_model
-from service.teacher.base import Generation, GenParams, Request, TeacherEngine
-
-
-def render_prompt(tokenizer, request: Request) -> list[int]:
-    """Prompt tokens of a request: the chat template with the generation prompt, then
-    the prefill as plain text. The rendered text already holds every special token, so
-    the tokenizer adds none. (SmolLM2's template adds its default system prompt when a
-    request has no system turn; that is left as the template does it.)"""
-    text = tokenizer.apply_chat_template(
-        request.as_openai(), tokenize=False, add_generation_prompt=True
-    )
-    return list(tokenizer(text + request.prefill, add_special_tokens=False)["input_ids"])
+from service.teacher.base import (
+    Generation,
+    GenParams,
+    Request,
+    TeacherEngine,
+    render_prompt,
+)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

