@@ -8,8 +8,12 @@ The output directory holds the pruned model and tokenizer (``AutoModelForCausalL
 from_pretrained(out)`` loads it) and ``prune_report.json``: the metric, depth before and
 after, the removed blocks as 0-based indices of the *original* model, and the scores
 (``distances[str(n)][l]``: angular distance from the input of block ``l`` to the output of
-block ``l+n-1``; for ``bi``, ``distances["1"]`` is the Block Influence per block). Scoring
-and cutting live in ``service/blocks.py``.
+block ``l+n-1``; for ``bi``, ``distances["1"]`` is the Block Influence per block),
+``presentation`` and ``read`` (how rows were shown and which tokens were read: the last
+content token of each, ``service/calibration.py``), and for ``angular`` the
+``candidates`` checked (removed blocks, distance, ``kl`` to the unpruned model) with the
+``check`` that chose among them (``service/prune_check.py``). Scoring and cutting live in
+``service/blocks.py``.
 """
 
 from __future__ import annotations
