@@ -24,14 +24,17 @@ from service.progress import ConsoleReporter
 from service.specs import CANDIDATES, EvaluateSpec, PruneSpec
 
 TASKS = ["arc_easy", "piqa"]
-# (name, metric, presentation, candidates, check_bi), in order of importance.
-WAYS = [
-    ("angular, checked (default)", "angular", "text", CANDIDATES, False),
-    ("angular, argmin", "angular", "text", 1, False),
-    ("bi", "bi", "text", 1, False),
-    ("angular + bi, checked", "angular", "text", CANDIDATES, True),
-    ("angular, argmin, chat (content token)", "angular", "chat", 1, False),
-]
+# (name, metric, presentation, candidates, check_bi).
+WAYS = {
+    "checked": ("angular, checked (default)", "angular", "text", CANDIDATES, False),
+    "bi": ("Block Influence", "bi", "text", 1, False),
+    "argmin": ("angular, argmin", "angular", "text", 1, False),
+    "checked+bi": ("angular + BI, checked", "angular", "text", CANDIDATES, True),
+    "chat": ("angular, argmin, chat (content token)", "angular", "chat", 1, False),
+}
+# Evaluation order, most important first: the default and BI at every size, then the
+# argmin where the check chose otherwise, then the rest.
+ORDER = ["checked", "bi", "argmin", "checked+bi", "chat"]
 
 
 def _read(path: Path) -> dict | None:
@@ -44,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/prune-ablation")
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--blocks", default="6,2,4,10", help="block counts, in this order")
-    ap.add_argument("--ways", type=int, default=len(WAYS), help="the first N ways only")
     args = ap.parse_args(argv)
     from service.evaluate import run_evaluate
     from service.models import load_model
@@ -54,6 +56,40 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rep = ConsoleReporter("ablation")
     calibration = str(data / "alpaca" / "alpaca_5000.json")
+    sizes = [int(x) for x in args.blocks.split(",")]
+    scores: dict[str, object] = {}
+
+    def spec_of(way: str, n: int) -> PruneSpec:
+        _, metric, presentation, candidates, check_bi = WAYS[way]
+        return PruneSpec(
+            calibration=calibration,
+            blocks=n,
+            metric=metric,
+            presentation=presentation,
+            candidates=candidates,
+            check_bi=check_bi,
+        )
+
+    def prune(way: str, n: int, cut: Path | None = None) -> dict:
+        """The prune report (cut from one scoring pass per presentation); the model is
+        written only when ``cut`` is given."""
+        path = out / f"prune-{way}-{n}.json"
+        if cut is None and path.is_file():
+            return json.loads(path.read_text())
+        spec = spec_of(way, n)
+        if spec.presentation not in scores:
+            model, tok = load_model(spec.model)
+            scores[spec.presentation] = score_calibration(spec, model, tok, rep)
+            del model
+        target = cut or out / "models" / "tmp"
+        report = run_prune(spec, target, rep, scores[spec.presentation])  # type: ignore[arg-type]
+        if cut is None:
+            shutil.rmtree(target, ignore_errors=True)
+        path.write_text(json.dumps(report, indent=2))
+        return report
+
+    def key(report: dict) -> str:
+        return "cut-" + "_".join(map(str, report["removed_layers"]))
 
     def evaluate(name: str, model: str) -> dict:
         path = out / f"eval-{name}.json"
@@ -63,57 +99,45 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads(path.read_text())
 
     base = evaluate("unpruned", DEFAULT_MODEL)
-    scores: dict[str, object] = {}
-    rows = []
-    for n in [int(x) for x in args.blocks.split(",")]:
-        for label, metric, presentation, candidates, check_bi in WAYS[: args.ways]:
-            spec = PruneSpec(
-                calibration=calibration,
-                blocks=n,
-                metric=metric,
-                presentation=presentation,
-                candidates=candidates,
-                check_bi=check_bi,
-            )
-            name = f"{metric}{n}-{presentation}-c{candidates}{'-bi' if check_bi else ''}"
-            report = _read(out / f"prune-{name}.json")
-            if report is None:
-                if presentation not in scores:
-                    model, tok = load_model(DEFAULT_MODEL)
-                    scores[presentation] = score_calibration(spec, model, tok, rep)
-                    del model
-                cut = out / "models" / name
-                report = run_prune(spec, cut, rep, scores[presentation])  # type: ignore[arg-type]
-                (out / f"prune-{name}.json").write_text(json.dumps(report, indent=2))
-            removed = report["removed_layers"]
-            key = "cut-" + "_".join(map(str, removed))
-            if not (out / f"eval-{key}.json").is_file():
-                cut = out / "models" / name
-                if not cut.is_dir():  # resumed after its weights were deleted: cut again
-                    run_prune(spec, cut, rep, scores.get(presentation))  # type: ignore[arg-type]
-                evaluate(key, str(cut))
-            shutil.rmtree(out / "models" / name, ignore_errors=True)
-            ev = json.loads((out / f"eval-{key}.json").read_text())
-            accs = [ev["tasks"][t]["acc"] for t in TASKS]
-            ret = sum(a / base["tasks"][t]["acc"] for a, t in zip(accs, TASKS, strict=True))
-            rows.append(
-                f"| {n} | {label} | {removed} | "
-                + " | ".join(f"{a:.3f}" for a in accs)
-                + f" | {100 * ret / len(TASKS):.1f}% |"
-            )
-            table = "\n".join(
-                [
-                    "| blocks | chosen by | removed | " + " | ".join(TASKS) + " | retention |",
-                    "|---|---|---|" + "---|" * len(TASKS) + "---|",
-                    "| 0 | unpruned | - | "
-                    + " | ".join(f"{base['tasks'][t]['acc']:.3f}" for t in TASKS)
-                    + " | 100.0% |",
-                    *rows,
-                ]
-            )
-            (out / "table.md").write_text(table + "\n")
-            print(rows[-1], flush=True)
-    print(table)
+    # Every prune first (one scoring pass per presentation and a check each: minutes),
+    # so the removed blocks of every way are known before the long evaluations.
+    reports = {(w, n): prune(w, n) for n in sizes for w in ORDER}
+    for (w, n), r in reports.items():
+        print(f"{w} {n}: {r['removed_layers']}", flush=True)
+
+    def table() -> str:
+        lines = [
+            "| blocks | chosen by | removed | " + " | ".join(TASKS) + " | retention |",
+            "|---|---|---|" + "---|" * len(TASKS) + "---|",
+            "| 0 | unpruned | - | "
+            + " | ".join(f"{base['tasks'][t]['acc']:.3f}" for t in TASKS)
+            + " | 100.0% |",
+        ]
+        for n in sizes:
+            for w in ORDER:
+                r = reports[(w, n)]
+                ev = _read(out / f"eval-{key(r)}.json")
+                cells = ["pending"] * (len(TASKS) + 1)
+                if ev:
+                    accs = [ev["tasks"][t]["acc"] for t in TASKS]
+                    ret = [a / base["tasks"][t]["acc"] for a, t in zip(accs, TASKS, strict=True)]
+                    cells = [f"{a:.3f}" for a in accs] + [f"{100 * sum(ret) / len(ret):.1f}%"]
+                lines.append(
+                    f"| {n} | {WAYS[w][0]} | {r['removed_layers']} | {' | '.join(cells)} |"
+                )
+        return "\n".join(lines) + "\n"
+
+    order = [(w, n) for n in sizes for w in ORDER[:2]] + [(w, n) for w in ORDER[2:] for n in sizes]
+    for w, n in order:
+        k = key(reports[(w, n)])
+        if not (out / f"eval-{k}.json").is_file():
+            cut = out / "models" / k
+            prune(w, n, cut)
+            evaluate(k, str(cut))
+            shutil.rmtree(cut, ignore_errors=True)
+        (out / "table.md").write_text(table())
+        print(f"done {w} {n}", flush=True)
+    print(table())
     return 0
 
 
