@@ -31,10 +31,18 @@ WAYS = {
     "argmin": ("angular, argmin", "angular", "text", 1, False),
     "checked+bi": ("angular + BI, checked", "angular", "text", CANDIDATES, True),
     "chat": ("angular, argmin, chat (content token)", "angular", "chat", 1, False),
+    "chat-checked": (
+        "angular, checked, chat (content token)",
+        "angular",
+        "chat",
+        CANDIDATES,
+        False,
+    ),
 }
+ONLY = {"chat-checked": (6,)}  # sizes a way is limited to (the rest: every size)
 # Evaluation order, most important first: the default and BI at every size, then the
 # argmin where the check chose otherwise, then the rest.
-ORDER = ["checked", "bi", "argmin", "checked+bi", "chat"]
+ORDER = ["checked", "bi", "argmin", "checked+bi", "chat", "chat-checked"]
 
 
 def _read(path: Path) -> dict | None:
@@ -46,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--out", default="runs/prune-ablation")
     ap.add_argument("--limit", type=int, default=500)
-    ap.add_argument("--blocks", default="6,2,4,10", help="block counts, in this order")
+    ap.add_argument("--blocks", default="6,10,4,2", help="block counts, evaluated in this order")
     args = ap.parse_args(argv)
+    from service.blocks import drop_blocks
     from service.evaluate import run_evaluate
     from service.models import load_model
     from service.prune import run_prune, score_calibration
@@ -70,23 +79,28 @@ def main(argv: list[str] | None = None) -> int:
             check_bi=check_bi,
         )
 
-    def prune(way: str, n: int, cut: Path | None = None) -> dict:
-        """The prune report (cut from one scoring pass per presentation); the model is
-        written only when ``cut`` is given."""
+    def prune(way: str, n: int) -> dict:
+        """The prune report, cut from one scoring pass per presentation."""
         path = out / f"prune-{way}-{n}.json"
-        if cut is None and path.is_file():
+        if path.is_file():
             return json.loads(path.read_text())
         spec = spec_of(way, n)
         if spec.presentation not in scores:
             model, tok = load_model(spec.model)
             scores[spec.presentation] = score_calibration(spec, model, tok, rep)
             del model
-        target = cut or out / "models" / "tmp"
+        target = out / "models" / "tmp"
         report = run_prune(spec, target, rep, scores[spec.presentation])  # type: ignore[arg-type]
-        if cut is None:
-            shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
         path.write_text(json.dumps(report, indent=2))
         return report
+
+    def cut(removed: list[int], path: Path) -> None:
+        """The unpruned model without ``removed``, saved (what run_prune saves)."""
+        model, tok = load_model(DEFAULT_MODEL)
+        drop_blocks(model, removed)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
 
     def key(report: dict) -> str:
         return "cut-" + "_".join(map(str, report["removed_layers"]))
@@ -101,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     base = evaluate("unpruned", DEFAULT_MODEL)
     # Every prune first (one scoring pass per presentation and a check each: minutes),
     # so the removed blocks of every way are known before the long evaluations.
-    reports = {(w, n): prune(w, n) for n in sizes for w in ORDER}
+    pairs = [(w, n) for n in sizes for w in ORDER if n in ONLY.get(w, sizes)]
+    reports = {(w, n): prune(w, n) for w, n in pairs}
     for (w, n), r in reports.items():
         print(f"{w} {n}: {r['removed_layers']}", flush=True)
 
@@ -113,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             + " | ".join(f"{base['tasks'][t]['acc']:.3f}" for t in TASKS)
             + " | 100.0% |",
         ]
-        for n in sizes:
-            for w in ORDER:
+        for n in sorted(sizes):
+            for w in [w for w in ORDER if (w, n) in reports]:
                 r = reports[(w, n)]
                 ev = _read(out / f"eval-{key(r)}.json")
                 cells = ["pending"] * (len(TASKS) + 1)
@@ -128,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         return "\n".join(lines) + "\n"
 
     order = [(w, n) for n in sizes for w in ORDER[:2]] + [(w, n) for w in ORDER[2:] for n in sizes]
-    for w, n in order:
+    for w, n in [p for p in order if p in reports]:
         k = key(reports[(w, n)])
         if not (out / f"eval-{k}.json").is_file():
-            cut = out / "models" / k
-            prune(w, n, cut)
-            evaluate(k, str(cut))
-            shutil.rmtree(cut, ignore_errors=True)
+            path = out / "models" / k
+            cut(reports[(w, n)]["removed_layers"], path)
+            evaluate(k, str(path))
+            shutil.rmtree(path, ignore_errors=True)
         (out / "table.md").write_text(table())
         print(f"done {w} {n}", flush=True)
     print(table())
