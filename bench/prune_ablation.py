@@ -142,7 +142,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
         return "\n".join(lines) + "\n"
 
-    order = [(w, n) for n in sizes for w in ORDER[:2]] + [(w, n) for w in ORDER[2:] for n in sizes]
+    # Where the check chose otherwise than the argmin, both first: that is the evidence
+    # for checking by default.
+    differ = [
+        (w, n)
+        for n in sizes
+        if reports[("checked", n)]["removed_layers"] != reports[("argmin", n)]["removed_layers"]
+        for w in ("checked", "argmin")
+    ]
+    order = differ + [(w, n) for n in sizes for w in ORDER[:2]]
+    order += [(w, n) for w in ORDER[2:] for n in sizes]
     for w, n in [p for p in order if p in reports]:
         k = key(reports[(w, n)])
         if not (out / f"eval-{k}.json").is_file():
