@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/prune-ablation")
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--blocks", default="6,10,4,2", help="block counts, evaluated in this order")
+    ap.add_argument(
+        "--ways", default=",".join(ORDER), help="ways to include, of " + ",".join(ORDER)
+    )
     args = ap.parse_args(argv)
+    ways = [w for w in ORDER if w in args.ways.split(",")]
     from service.blocks import drop_blocks
     from service.evaluate import run_evaluate
     from service.models import load_model
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     base = evaluate("unpruned", DEFAULT_MODEL)
     # Every prune first (one scoring pass per presentation and a check each: minutes),
     # so the removed blocks of every way are known before the long evaluations.
-    pairs = [(w, n) for n in sizes for w in ORDER if n in ONLY.get(w, sizes)]
+    pairs = [(w, n) for n in sizes for w in ways if n in ONLY.get(w, sizes)]
     reports = {(w, n): prune(w, n) for w, n in pairs}
     for (w, n), r in reports.items():
         print(f"{w} {n}: {r['removed_layers']}", flush=True)
