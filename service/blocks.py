@@ -15,9 +15,11 @@ PruneMe has. ``tests/test_prune.py`` checks both facts against the installed ver
 Metrics:
 
 - angular (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers",
-  eq. 7): ``d(h_l, h_{l+n}) = arccos(cos(h_l, h_{l+n})) / pi`` at the last real token of
+  eq. 7): ``d(h_l, h_{l+n}) = arccos(cos(h_l, h_{l+n})) / pi`` at the last token of
   each sample, averaged over samples; drop the ``n`` contiguous blocks
-  ``[l*, l*+n)`` with the smallest distance.
+  ``[l*, l*+n)`` with the smallest distance. The position read is the batch's
+  ``read_index`` (``service/calibration.py``: the last *content* token, never a template
+  token), else the last real token.
 - bi (Men et al. 2024, ShortGPT, eq. 1): ``BI_i = 1 - E_t cos(h_i, h_{i+1})`` over every
   real token (padding masked, unlike ShortGPT's code); drop the ``n`` lowest-BI blocks.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -67,6 +69,8 @@ class BlockScores:
     tokens: int
     angular_sum: torch.Tensor  # (L+1, L+1)
     cos_sum: torch.Tensor  # (L,)
+    # How the rows were presented and which tokens were read (service/calibration.py).
+    read: dict = field(default_factory=dict)
 
     def angular(self, n: int) -> list[float]:
         """Mean distance from ``h_l`` to ``h_{l+n}`` for every start ``l`` in 0..L-n."""
@@ -94,9 +98,9 @@ class _Collector:
         self.last_states: list[torch.Tensor] = []
         self.cos_sum = torch.zeros(num_layers, dtype=torch.float64)
 
-    def start(self, mask: torch.Tensor) -> None:
+    def start(self, mask: torch.Tensor, read_index: torch.Tensor | None = None) -> None:
         self.mask = mask.bool()
-        self.last_idx = mask.long().sum(-1) - 1
+        self.last_idx = read_index if read_index is not None else mask.long().sum(-1) - 1
         self.prev = None
         self.last_states = []
 
@@ -124,8 +128,8 @@ def score_blocks(
     batches: Iterable[dict[str, torch.Tensor]],
     on_batch: Callable[[int], None] | None = None,
 ) -> BlockScores:
-    """Run the calibration batches (``input_ids``, ``attention_mask``; right-padded) once
-    and gather both metrics. ``on_batch(rows)`` is called after each batch (progress,
+    """Run the calibration batches (``input_ids``, ``attention_mask``, optional
+    ``read_index``; right-padded) once and gather both metrics. ``on_batch(rows)`` is called after each batch (progress,
     cancellation)."""
     layers = decoder_layers(model)
     L = len(layers)
@@ -140,7 +144,8 @@ def score_blocks(
             for batch in batches:
                 ids = batch["input_ids"].to(device)
                 mask = batch["attention_mask"].to(device)
-                col.start(mask)
+                read = batch.get("read_index")
+                col.start(mask, read.to(device) if read is not None else None)
                 # The base model skips the LM head: its logits are not needed.
                 model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
                 if len(col.last_states) != L + 1:

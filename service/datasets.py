@@ -7,6 +7,8 @@ normalises them to one :class:`Row`:
 - GSM8K: ``question``, ``answer`` (final answer after ``####``) — marked ``math``
 - chat: ``messages`` = ``[{"role", "content"}, ...]`` ending with an assistant turn
 - ``prompt`` / ``response``
+- plain text ``{"text": ...}``, for calibration only (``read_dataset(..., text=True)``;
+  ``service/calibration.py`` also reads ``.txt`` files, one document per line)
 
 A distilled row (any shape plus ``response``, ``original_response``, ``distilled``,
 ``reason``) trains on ``response``, the response distillation kept.
@@ -62,8 +64,9 @@ def _need_str(obj: dict, key: str, line: int, errors: list[RowError], optional=F
     return value
 
 
-def normalise(obj: Any, line: int) -> tuple[Row | None, list[RowError]]:
-    """Turn one parsed JSON value into a Row, or the errors that prevent it."""
+def normalise(obj: Any, line: int, text: bool = False) -> tuple[Row | str | None, list[RowError]]:
+    """Turn one parsed JSON value into a Row (or, with ``text``, a ``{"text": ...}`` row
+    into its string), or the errors that prevent it."""
     errors: list[RowError] = []
     if not isinstance(obj, dict):
         return None, [RowError(line, None, f"must be a JSON object, got {type(obj).__name__}")]
@@ -96,12 +99,19 @@ def normalise(obj: Any, line: int) -> tuple[Row | None, list[RowError]]:
         if errors:
             return None, errors
         return Row(instruction=ins, input=inp, response=out, source=obj), []
+    if text and "text" in obj:
+        doc = _need_str(obj, "text", line, errors)
+        if not errors and not doc.strip():
+            errors.append(RowError(line, "text", "must not be empty"))
+        return (None, errors) if errors else (doc, [])
+    shapes = "instruction/output, question/answer, messages, prompt/response"
     return None, [
         RowError(
             line,
             None,
-            "unknown row shape: expected instruction/output, question/answer, "
-            "messages, or prompt/response",
+            f"unknown row shape: expected {shapes}"
+            + (", or text" if text else "")
+            + ("" if text or "text" not in obj else " (text rows serve calibration only)"),
         )
     ]
 
@@ -123,7 +133,7 @@ def _from_distilled(obj: dict, line: int) -> tuple[Row | None, list[RowError]]:
     if "prompt" in base:
         base["response"] = obj["original_response"]
     row, errors = normalise(base, line)
-    if row is None:
+    if not isinstance(row, Row):
         return None, errors
     return row.model_copy(update={"response": target, "source": obj}), []
 
@@ -182,11 +192,14 @@ def _json_lines(data: bytes, name: str) -> Iterator[tuple[int, Any, RowError | N
             yield i, None, RowError(i, None, f"invalid JSON: {exc.msg} (column {exc.colno})", name)
 
 
-def parse_rows(data: bytes, name: str = "<upload>", fmt: str | None = None) -> list[Row]:
+def parse_rows(
+    data: bytes, name: str = "<upload>", fmt: str | None = None, text: bool = False
+) -> list[Row]:
     """Parse and validate a whole dataset; raise DatasetError listing the bad rows.
 
     ``fmt`` is ``jsonl`` or ``json``; by default it follows the name's suffix, and a
-    body that starts with ``[`` is read as a JSON array.
+    body that starts with ``[`` is read as a JSON array. ``text``: ``{"text": ...}`` rows
+    are accepted too and come back as strings (calibration sets).
     """
     if fmt is None:
         fmt = "json" if name.endswith(".json") or data.lstrip()[:1] == b"[" else "jsonl"
@@ -208,11 +221,11 @@ def parse_rows(data: bytes, name: str = "<upload>", fmt: str | None = None) -> l
         items = ((i, obj, None) for i, obj in enumerate(doc, start=1))
     else:
         items = _json_lines(data, name)
-    rows: list[Row] = []
+    rows: list = []
     errors: list[RowError] = []
     for line, obj, err in items:
         if err is None:
-            row, errs = normalise(obj, line)
+            row, errs = normalise(obj, line, text)
             errs = [RowError(e.line, e.field, e.message, name) for e in errs]
         else:
             row, errs = None, [err]
@@ -229,12 +242,13 @@ def parse_rows(data: bytes, name: str = "<upload>", fmt: str | None = None) -> l
     return rows
 
 
-def read_dataset(path: str | Path, limit: int | None = None) -> list[Row]:
-    """Read a dataset file; ``limit`` keeps the first K rows (after validation)."""
+def read_dataset(path: str | Path, limit: int | None = None, text: bool = False) -> list[Row]:
+    """Read a dataset file; ``limit`` keeps the first K rows (after validation).
+    ``text``: plain-text rows are accepted too (see ``parse_rows``)."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError([], summary=f"dataset file not found: {p}")
-    rows = parse_rows(p.read_bytes(), name=str(p))
+    rows = parse_rows(p.read_bytes(), name=str(p), text=text)
     return rows[:limit] if limit else rows
 
 

@@ -8,76 +8,31 @@ The output directory holds the pruned model and tokenizer (``AutoModelForCausalL
 from_pretrained(out)`` loads it) and ``prune_report.json``: the metric, depth before and
 after, the removed blocks as 0-based indices of the *original* model, and the scores
 (``distances[str(n)][l]``: angular distance from the input of block ``l`` to the output of
-block ``l+n-1``; for ``bi``, ``distances["1"]`` is the Block Influence per block). Scoring
-and cutting live in ``service/blocks.py``.
+block ``l+n-1``; for ``bi``, ``distances["1"]`` is the Block Influence per block),
+``presentation`` and ``read`` (how rows were shown and which tokens were read: the last
+content token of each, ``service/calibration.py``), and for ``angular`` the
+``candidates`` checked (removed blocks, distance, ``kl`` to the unpruned model) with the
+``check`` that chose among them (``service/prune_check.py``). Scoring and cutting live in
+``service/blocks.py``.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 import uuid
 from pathlib import Path
 
-import torch
-
 from service.blocks import BlockScores, choose_blocks, drop_blocks, score_blocks
-from service.datasets import Row, load_rows
+from service.calibration import Doc, calibration_batches, load_calibration, split_docs
 from service.errors import SpecError
 from service.models import load_model, resolve_model
 from service.progress import Reporter
+from service.prune_check import CHECK_BATCH, candidate_runs, check_candidates
 from service.specs import PruneSpec
-from service.train_data import conversation
 
 REPORT_NAME = "prune_report.json"
-
-
-def pick_rows(rows: list[Row], samples: int, seed: int) -> list[Row]:
-    """``samples`` rows chosen with ``seed`` (in file order), or all of them if fewer."""
-    if len(rows) <= samples:
-        return list(rows)
-    idx = sorted(random.Random(seed).sample(range(len(rows)), samples))
-    return [rows[i] for i in idx]
-
-
-def render_row(row: Row, tokenizer) -> str:
-    """A row as the model sees it in chat: user prompt and assistant response."""
-    # The messages are the fine-tuning ones; the text differs only for a model without a
-    # chat template (plain turns here, Alpaca-style prompt + EOS in train_data.render).
-    messages = [*conversation(row), {"role": "assistant", "content": row.response}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return "\n\n".join(m["content"] for m in messages)
-
-
-def calibration_batches(
-    rows: list[Row], tokenizer, max_length: int, batch_size: int
-) -> list[dict[str, torch.Tensor]]:
-    """Tokenised, right-padded batches (the last one may be partial; none is dropped).
-
-    Rows are sorted by length so a batch pads little; padding never counts in the scores
-    (the attention mask excludes it and right padding keeps real positions unchanged).
-    """
-    # The chat template already holds the special tokens.
-    seqs = [
-        tokenizer(render_row(r, tokenizer), add_special_tokens=False)["input_ids"][:max_length]
-        for r in rows
-    ]
-    seqs = sorted((s for s in seqs if s), key=len, reverse=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
 
 
 def _num_layers(model_ref: str) -> int | None:
@@ -117,22 +72,31 @@ def _save_atomically(model, tokenizer, report: dict, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def calibration_rows(spec: PruneSpec) -> list[Row]:
-    return pick_rows(load_rows(spec.calibration), spec.samples, spec.seed)
+def calibration_docs(spec: PruneSpec) -> tuple[list[Doc], list[Doc]]:
+    """(documents to score, held-out documents for the check) of ``spec``."""
+    return split_docs(
+        load_calibration(spec.calibration), spec.samples, spec.check_samples, spec.seed
+    )
 
 
 def score_calibration(
-    spec: PruneSpec, model, tokenizer, reporter: Reporter | None = None, rows=None
+    spec: PruneSpec, model, tokenizer, reporter: Reporter | None = None, docs=None
 ) -> BlockScores:
-    """Run the calibration rows of ``spec`` (``rows``, when already read) through ``model``
-    and collect per-block scores (every metric and block count is chosen from these, so
-    one pass serves many prunes)."""
+    """Run the calibration documents of ``spec`` (``docs``, when already read) through
+    ``model`` and collect per-block scores (every metric and block count is chosen from
+    these, so one pass serves many prunes)."""
     reporter = reporter or Reporter()
-    rows = rows if rows is not None else calibration_rows(spec)
+    docs = docs if docs is not None else calibration_docs(spec)[0]
     depth = model.config.get_text_config().num_hidden_layers
-    batches = calibration_batches(rows, tokenizer, spec.max_length, spec.batch_size)
+    batches, read = calibration_batches(
+        docs, tokenizer, spec.max_length, spec.batch_size, spec.presentation
+    )
     total = sum(len(b["input_ids"]) for b in batches)
-    reporter.event(f"scoring {depth} blocks of {spec.model} on {total} rows", rows=total)
+    reporter.event(
+        f"scoring {depth} blocks of {spec.model} on {total} rows ({spec.presentation}); "
+        f"tokens read: {read['distinct_tokens']} distinct, most common {read['most_common'][:3]}",
+        rows=total,
+    )
     done = 0
 
     def on_batch(n: int) -> None:
@@ -142,7 +106,38 @@ def score_calibration(
         reporter.check()
 
     reporter.check()
-    return score_blocks(model, batches, on_batch=on_batch)
+    scores = score_blocks(model, batches, on_batch=on_batch)
+    scores.read = read
+    return scores
+
+
+def check_choice(
+    spec: PruneSpec, model, tokenizer, scores: BlockScores, docs, held, reporter: Reporter
+) -> tuple[list[int], list[dict], dict | None]:
+    """(removed blocks, candidates with their distance and check score, check summary).
+    One candidate (``candidates=1``, no BI) is the plain argmin, unchecked."""
+    cands = candidate_runs(scores, spec.blocks, spec.candidates, spec.check_bi)
+    if len(cands) == 1:
+        return cands[0]["removed"], cands, None
+    check_docs = held or docs[: spec.check_samples]
+    batches, _ = calibration_batches(
+        check_docs, tokenizer, spec.max_length, CHECK_BATCH, spec.presentation
+    )
+    reporter.event(f"checking {len(cands)} candidate runs on {len(check_docs)} rows")
+    kls, tokens = check_candidates(
+        model, batches, [c["removed"] for c in cands], on_batch=lambda n: reporter.check()
+    )
+    for c, kl in zip(cands, kls, strict=True):
+        c["kl"] = kl
+    best = min(range(len(cands)), key=lambda i: (kls[i], i))
+    summary = {
+        "measure": "mean per-token KL(unpruned || pruned) of next-token distributions",
+        "rows": sum(len(b["input_ids"]) for b in batches),
+        "tokens": tokens,
+        "held_out": bool(held),
+        "chosen": best,
+    }
+    return cands[best]["removed"], cands, summary
 
 
 def run_prune(
@@ -151,7 +146,7 @@ def run_prune(
     reporter: Reporter | None = None,
     scores: BlockScores | None = None,
 ) -> dict:
-    """Score, choose, drop, save. Returns (and writes) the prune report.
+    """Score, choose (and check the choice), drop, save. Returns (and writes) the report.
 
     ``scores``: from an earlier ``score_calibration`` of the same model and calibration
     spec (bench/recovery.py prunes several ways from one pass); None scores here."""
@@ -161,18 +156,24 @@ def run_prune(
     if depth is not None:
         _check_blocks(spec.blocks, depth)
     # Read before the model loads, so a bad calibration set fails fast.
-    rows = calibration_rows(spec) if scores is None else None
+    docs, held = calibration_docs(spec)
     model, tokenizer = load_model(spec.model)
     depth = model.config.get_text_config().num_hidden_layers
     _check_blocks(spec.blocks, depth)
     if scores is None:
-        scores = score_calibration(spec, model, tokenizer, reporter, rows)
-    removed = choose_blocks(scores, spec.blocks, spec.metric)
+        scores = score_calibration(spec, model, tokenizer, reporter, docs)
     bi = scores.block_influence()
+    candidates: list[dict] = []
+    check = None
     if spec.metric == "angular":
+        removed, candidates, check = check_choice(
+            spec, model, tokenizer, scores, docs, held, reporter
+        )
         distances = scores.distances([*range(1, depth // 2 + 1), spec.blocks])
-        chosen = distances[str(spec.blocks)][removed[0]]
+        run = removed == list(range(removed[0], removed[0] + spec.blocks))
+        chosen = distances[str(spec.blocks)][removed[0]] if run else None
     else:
+        removed = choose_blocks(scores, spec.blocks, "bi")
         distances = {"1": bi}
         chosen = sum(bi[i] for i in removed) / len(removed)
     drop_blocks(model, removed)
@@ -182,6 +183,10 @@ def run_prune(
         "num_layers_after": depth - len(removed),
         "removed_layers": removed,
         "removed_score": chosen,
+        "presentation": spec.presentation,
+        "read": scores.read,
+        "candidates": candidates,
+        "check": check,
         "distances": distances,
         "block_influence": bi,
         "samples": scores.samples,

@@ -145,10 +145,43 @@ def section_pruning(d: dict, images: dict) -> list[Block]:
             f"score of the removed run {_f(p.get('removed_score'), 4)}.",
         )
     ]
+    read = p.get("read") or {}
+    if read:
+        common = ", ".join(f"`{t!r}` ×{n}" for t, n in read.get("most_common", [])[:3])
+        blocks.append(
+            (
+                "p",
+                f"Rows presented as **{read.get('presentation', '?')}**; the state read is "
+                f"the {read.get('position', '?')}: {read.get('distinct_tokens', '?')} "
+                f"distinct tokens, most common {common}.",
+            )
+        )
     if "distances" in images:
         blocks.append(("img", images["distances"], "block distances"))
+    cands = p.get("candidates") or []
+    if p.get("check") and cands:
+        c = p["check"]
+        where = "held-out" if c.get("held_out") else "scoring (no held-out left)"
+        blocks.append(
+            (
+                "p",
+                f"Candidates checked by {c['measure']} on {c['rows']} {where} calibration "
+                f"rows ({c['tokens']} tokens); the smallest is removed:",
+            )
+        )
+        rows = [
+            [
+                ", ".join(map(str, k["removed"])),
+                k["by"],
+                _f(k.get("distance"), 4),
+                _f(k.get("kl"), 4),
+                "removed" if k["removed"] == p["removed_layers"] else "",
+            ]
+            for k in cands
+        ]
+        blocks.append(("table", ["blocks", "by", "angular distance", "KL", ""], rows))
     dist = (p.get("distances") or {}).get(str(len(p["removed_layers"])))
-    if p["metric"] == "angular" and dist:
+    if p["metric"] == "angular" and dist and not p.get("check"):
         best = sorted(range(len(dist)), key=lambda i: dist[i])[:5]
         rows = [[str(i), f"{i}–{i + len(p['removed_layers']) - 1}", _f(dist[i], 4)] for i in best]
         blocks.append(("p", f"Closest runs of {len(p['removed_layers'])} blocks:"))

@@ -20,6 +20,10 @@ from service.models import DEFAULT_MODEL
 Ref = Annotated[str, Field(min_length=1, max_length=512)]
 MAX_SEED = 2**32 - 1  # numpy's and most samplers' seed range
 MAX_ROWS = 10_000_000  # largest row or document count a spec may name
+# Runs the prune step checks (service/prune_check.py). On the builtin model the check
+# chose 9-18 over the argmin 2-11 for 10 blocks: 82.2% vs 73.7% retention on arc_easy and
+# piqa, 500 docs each; at 6 blocks both are 13-18 (docs/results.md).
+CANDIDATES = 4
 
 
 class Spec(BaseModel):
@@ -40,6 +44,28 @@ class PruneSpec(Spec):
     max_length: int = Field(256, ge=8, le=32_768, description="Tokens kept per calibration row.")
     batch_size: int = Field(8, ge=1, le=1024, description="Calibration rows per forward pass.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for sampling calibration rows.")
+    presentation: Literal["text", "chat"] = Field(
+        "text",
+        description="How calibration rows are fed to the model. text: plain text "
+        "(instruction, its input, the response, separated by blank lines), as Gromov et al. "
+        "score C4 text; chat: rendered with the chat template. Either way the state read is "
+        "that of the last content token, never a special or template token.",
+    )
+    candidates: int = Field(
+        CANDIDATES,
+        ge=1,
+        le=64,
+        description="angular only: check this many lowest-distance runs by cutting each "
+        "out and measuring the KL of next-token distributions to the unpruned model on "
+        "held-out calibration rows; the closest is removed. 1: the argmin alone (Gromov "
+        "et al., PruneMe).",
+    )
+    check_bi: bool = Field(
+        False, description="angular only: also check the Block Influence choice (ShortGPT)."
+    )
+    check_samples: int = Field(
+        16, ge=1, le=10_000, description="Held-out calibration rows for the check."
+    )
 
 
 class DistillSpec(Spec):

@@ -102,6 +102,12 @@ def test_report_content_matches_the_run(run_dir):
     md = (run_dir / "report.md").read_text()
     prune = json.loads((run_dir / "pruned" / "prune_report.json").read_text())
     assert f"Removed blocks **{prune['removed_layers']}**" in md
+    # Every checked candidate with its distance and check score; the tokens read.
+    assert len(prune["candidates"]) > 1
+    for c in prune["candidates"]:
+        assert f"| {', '.join(map(str, c['removed']))} | angular | {c['distance']:.4f} | " in md
+        assert f"{c['kl']:.4f}" in md
+    assert f"presented as **{prune['read']['presentation']}**" in md
     # recovered retention: mean(0.4/0.5, 0.55/0.6) = mean(0.8, 0.9167) = 85.8%
     assert re.search(
         r"\| recovered \| 0\.400 ± 0\.050 \| 0\.550 ± 0\.050 \| 0\.475 \| 85\.8% \|", md
