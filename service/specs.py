@@ -89,9 +89,9 @@ class DistillSpec(Spec):
     )
     engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
         "auto",
-        description="Teacher engine. auto: vLLM on a GPU; on a CPU vLLM for jobs of 256 rows "
-        "or more and the fast engine below (vLLM's start-up costs tens of seconds); the fast "
-        "engine where vLLM is not installed.",
+        description="Teacher engine. auto: vLLM on a GPU, the fast engine on a CPU or where "
+        "vLLM is not installed (docs/performance.md: vLLM has not yet won on a CPU on both "
+        "prompt sets).",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",

@@ -241,15 +241,11 @@ def test_run_distill_on_the_vllm_engine(engine, vllm_llama, tmp_path):
     assert all(g["reason"] for g in got)
 
 
-def test_auto_picks_by_job_size_on_a_cpu():
-    from service.teacher.factory import AUTO_VLLM_MIN_ROWS, make_engine, pick_engine
+def test_auto_picks_vllm_on_a_gpu_and_fast_on_a_cpu():
+    from service.teacher.factory import make_engine, pick_engine
 
-    if torch.cuda.is_available():
-        assert pick_engine("auto", rows=1) == "vllm"
-    else:
-        assert pick_engine("auto", rows=AUTO_VLLM_MIN_ROWS - 1) == "fast"
-        assert pick_engine("auto", rows=AUTO_VLLM_MIN_ROWS) == "vllm"
-    assert pick_engine("auto") == "vllm"  # unknown size: an engine kept across jobs
+    want = "vllm" if torch.cuda.is_available() else "fast"
+    assert pick_engine("auto") == pick_engine("auto", rows=10**6) == want
     assert pick_engine("hf", rows=10**6) == "hf"
     with pytest.raises(ValueError, match="unknown teacher engine"):
         make_engine("nope", "builtin:smollm2-135m-instruct")

@@ -105,7 +105,7 @@ def create_job(
     },
 )
 def post_job(
-    body: Annotated[JobCreate, Body()],
+    body: Annotated[JobCreate, Body(discriminator="type")],
     response: Response,
     tenant: TenantDep,
     conn: RedisDep,

@@ -13,28 +13,25 @@ from service.teacher.base import TeacherEngine
 ENGINES = ("hf", "fast", "vllm", "openai")
 
 
-# ``auto`` on a CPU: vLLM for a job of at least this many rows, the fast engine below it,
-# where vLLM's start-up (tens of seconds: imports, model inspection, KV cache) costs more
-# than its decoding saves. docs/performance.md (issue 14, shared 2-core AVX2 machine):
-# `distillery distill` of 16 GSM8K rows took 64.4 s on fast, 88.6 s on vllm, 148.4 s on
-# plain generate; vLLM fp32 decoded at 1.77x fast on GSM8K prompts, 0.98x on distillation
-# prompts. 256 is set from those figures, not a measured break-even.
-AUTO_VLLM_MIN_ROWS = 256
+# ``auto``: vLLM on a GPU; on a CPU the fast engine, until a quiet side-by-side run says
+# otherwise. The only CPU figures so far (docs/performance.md, issue 14: a shared 2-core
+# AVX2 machine, one round of 16 prompts) had vLLM fp32 at 1.77x fast on GSM8K prompts but
+# 0.98x on distillation prompts (Distillery's vLLM path 0.43x), and `distillery distill`
+# of 16 rows took 88.6 s on vllm against 64.4 s on fast. vLLM on a CPU is one
+# `--engine vllm` away.
 
 
 def pick_engine(name: str, rows: int | None = None) -> str:
-    """What ``auto`` means here for a job of ``rows`` rows (None: unknown, or an engine
-    kept loaded across jobs, where start-up is paid once): vLLM where it is installed, on
-    a CPU only for jobs of AUTO_VLLM_MIN_ROWS rows or more; else the fast engine."""
+    """What ``auto`` means here: vLLM where it is installed and a GPU is present, else the
+    fast engine. ``rows`` (the job's size) is accepted for a size rule once one is
+    measured."""
     if name != "auto":
         return name
     if importlib.util.find_spec("vllm") is None:
         return "fast"
     import torch
 
-    if torch.cuda.is_available() or rows is None or rows >= AUTO_VLLM_MIN_ROWS:
-        return "vllm"
-    return "fast"
+    return "vllm" if torch.cuda.is_available() else "fast"
 
 
 def make_engine(name: str, model_ref: str, rows: int | None = None, **options) -> TeacherEngine:
