@@ -34,8 +34,13 @@ from service.teacher.base import (
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a turn: the generation config's EOS (an int or a list) and
     the tokenizer's."""
+    return stop_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)
+
+
+def stop_ids(configured: int | list[int] | None, tokenizer) -> list[int]:
+    """A generation config's ``eos_token_id`` (an int, a list or None) and the tokenizer's
+    EOS, as one sorted list (every engine stops at the same ids)."""
     ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:

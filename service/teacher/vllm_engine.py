@@ -44,6 +44,7 @@ import logging
 import os
 
 from service.teacher.base import Generation, GenParams, Request, TeacherEngine, render_prompt
+from service.teacher.hf_engine import stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -211,16 +212,9 @@ def stop_token_ids(model_dir: str, tokenizer) -> list[int]:
     config without loading its weights."""
     from transformers import AutoConfig, GenerationConfig
 
-    ids: set[int] = set()
     try:
         configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
     except OSError:  # no generation_config.json: transformers derives it from config.json
         config = AutoConfig.from_pretrained(model_dir)
         configured = GenerationConfig.from_model_config(config).eos_token_id
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
+    return stop_ids(configured, tokenizer)
