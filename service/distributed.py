@@ -72,6 +72,13 @@ def sum_gradients(params: list[torch.Tensor], loss: float) -> float:
     return float(flat[offset])
 
 
+def sum_scalars(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over the ranks (the loss parts a step logs)."""
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def agree(stop: bool, device: torch.device) -> bool:
     """Rank 0's decision, on every rank (rank 0 reads the job's cancel flag and deadline)."""
     flag = torch.tensor([1 if stop else 0], device=device)

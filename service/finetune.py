@@ -13,6 +13,15 @@ optimizer, scheduler, RNG state, step, epoch and position, spec, loss log) in th
 manner of nanoGPT; ``--resume`` continues from it to the same weights and loss log an
 uninterrupted run gives. ``<out>/train_log.json`` holds the loss per step.
 
+Logit distillation (Minitron's recovery of depth-pruned models) with ``--teacher``: the
+unpruned model runs beside the student on the same batch, under ``no_grad``, and the
+loss becomes ``(1 - w) * CE + w * T^2 * KL(teacher || student)`` over the response
+tokens, as NVIDIA Model Optimizer's ``LogitsDistillationLoss`` (forward KL on softened
+distributions, scaled by T^2 so its gradients keep their size as T changes). Nothing of
+the teacher is stored beyond the current micro-batch.
+
+    distillery finetune --model pruned/ --dataset rows.jsonl --teacher builtin:... --out recovered/
+
 Data parallel across the GPUs of one machine (or CPU processes, gloo) under torchrun::
 
     torchrun --standalone --nproc-per-node 4 -m service.cli finetune --model pruned/ \
@@ -123,6 +132,7 @@ class FinetuneRecipe:
             )
         rows = load_rows(spec.dataset, limit=spec.limit)
         model, self.tokenizer = load_model(spec.model)
+        self.teacher = self.load_teacher(model) if spec.teacher else None
         self.n_rows = len(rows)
         self.examples, self.skipped = tokenise_rows(self.tokenizer, rows, spec.max_length)
         if not self.examples:
@@ -173,6 +183,22 @@ class FinetuneRecipe:
             f"({self.steps_per_epoch} per epoch), starting at step {self.step}"
         )
 
+    def load_teacher(self, student) -> torch.nn.Module:
+        """The frozen teacher of logit distillation, on the student's device; its
+        vocabulary must be the student's (the KL compares distributions token by token)."""
+        teacher, tok = load_model(self.spec.teacher, device=str(student.device))
+        if (
+            teacher.get_output_embeddings().weight.shape[0]
+            != (student.get_output_embeddings().weight.shape[0])
+            or tok.get_vocab() != self.tokenizer.get_vocab()
+        ):
+            raise SpecError(
+                f"teacher {self.spec.teacher!r} does not share the vocabulary of "
+                f"{self.spec.model!r}: logit distillation needs the same tokenizer"
+            )
+        teacher.requires_grad_(False)
+        return teacher
+
     # -- training -------------------------------------------------------------------
 
     def step_batch(self, step: int) -> list[int]:
@@ -183,24 +209,39 @@ class FinetuneRecipe:
             self._plan_epoch = epoch
         return self._plan[position]
 
-    def response_loss(self, batch: dict[str, torch.Tensor], n_targets: int) -> torch.Tensor:
-        """Summed cross-entropy over the batch's response tokens, divided by the step's
-        target count so accumulated micro-batches give the step's token-mean loss.
-
-        Logits are computed only at positions that predict a response token: the
-        vocabulary projection of prompt and padding positions would be wasted work.
-        """
-        base = self.model.get_base_model()
-        hidden = base.get_decoder()(
+    @staticmethod
+    def response_logits(model, batch: dict[str, torch.Tensor], keep: torch.Tensor):
+        """fp32 logits of ``model`` (a plain causal LM) at the positions that predict a
+        response token only: the vocabulary projection of prompt and padding positions
+        would be wasted work."""
+        hidden = model.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
-        labels = batch["labels"][:, 1:]
-        keep = labels != IGNORE
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        cap = getattr(base.config, "final_logit_softcapping", None)
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:  # Gemma 2/3 cap their logits; the model's own forward does the same
             logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits, labels[keep], reduction="sum") / n_targets
+        return logits
+
+    def response_loss(
+        self, batch: dict[str, torch.Tensor], n_targets: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's share of the step loss, and its parts (``ce``, and ``kl``
+        with a teacher): sums over the response tokens divided by the step's target
+        count, so accumulated micro-batches give the step's token means."""
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE
+        logits = self.response_logits(self.model.get_base_model(), batch, keep)
+        ce = F.cross_entropy(logits, labels[keep], reduction="sum") / n_targets
+        if self.teacher is None:
+            return ce, {"ce": ce.item()}
+        t, w = self.spec.kd_temperature, self.spec.kd_weight
+        with torch.no_grad():
+            target = F.log_softmax(self.response_logits(self.teacher, batch, keep) / t, dim=-1)
+        kl = F.kl_div(
+            F.log_softmax(logits / t, dim=-1), target, reduction="sum", log_target=True
+        ) * (t * t / n_targets)
+        return (1.0 - w) * ce + w * kl, {"ce": ce.item(), "kl": kl.item()}
 
     def train(self) -> None:
         try:
@@ -252,14 +293,20 @@ class FinetuneRecipe:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss = 0.0
+        parts: dict[str, float] = {}
         for micro in micro_batches(mine, self.lengths, self.spec.micro_batch_size):
             batch = collate([self.examples[i] for i in micro], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            part = self.response_loss(batch, n_targets)
+            part, terms = self.response_loss(batch, n_targets)
             part.backward()
             loss += part.item()
+            for k, v in terms.items():
+                parts[k] = parts.get(k, 0.0) + v
         if self.world > 1:
             loss = distributed.sum_gradients(list(self.params.values()), loss)
+            if parts:
+                summed = distributed.sum_scalars(list(parts.values()), self.device)
+                parts = dict(zip(parts, summed, strict=True))
         if not math.isfinite(loss):
             raise DistilleryError(f"loss is {loss} at step {self.step + 1}; try a lower --lr")
         tokens = sum(len(ex.ids) for ex in examples)
@@ -270,7 +317,10 @@ class FinetuneRecipe:
         self.step += 1
         self.tokens += tokens
         self.seconds += time.perf_counter() - start
-        self.log.append({"step": self.step, "loss": loss, "lr": lr, "tokens": tokens})
+        entry = {"step": self.step, "loss": loss, "lr": lr, "tokens": tokens}
+        if self.teacher is not None:  # the parts only where they differ from the loss
+            entry.update(parts)
+        self.log.append(entry)
         self._updating = False
         self.reporter.progress(
             step=self.step,
@@ -278,6 +328,7 @@ class FinetuneRecipe:
             loss=loss,
             lr=lr,
             tokens_per_s=self.tokens_per_s,
+            **(parts if self.teacher is not None else {}),
         )
 
     @property

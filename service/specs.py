@@ -163,6 +163,22 @@ class FinetuneSpec(Spec):
         20, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps."
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for adapter init and shuffling.")
+    # Logit distillation (Minitron; NVIDIA Model Optimizer's LogitsDistillationLoss):
+    # loss = (1 - w) * CE + w * T^2 * KL(teacher || student), on the response tokens.
+    teacher: Ref | None = Field(
+        None,
+        description="Unpruned teacher for logit distillation (unset: plain cross-entropy). "
+        "It must share the model's tokenizer.",
+    )
+    kd_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight w of the KL term when a teacher is set (Minitron: 1, KL only).",
+    )
+    kd_temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="Softmax temperature T of the KL term (Minitron: 1)."
+    )
 
     @field_validator("target_modules")
     @classmethod
