@@ -125,7 +125,23 @@ def task_metrics(task: str, results: dict) -> dict:
     }
     if task == "gsm8k":
         out["acc_flexible"] = _number(res.get("exact_match,flexible-extract"))
+    samples = (results.get("samples") or {}).get(name)
+    if samples:
+        out["scores"] = doc_scores(samples, metric, filt)
     return out
+
+
+def doc_scores(samples: list[dict], metric: str, filt: str) -> str:
+    """The main metric of every document, in document order, as one string of 0/1
+    characters: what a paired comparison of two models on the same documents needs
+    (``service/stats.py``), about 1 byte per document in the report."""
+    by_doc = {}
+    for sample in samples:
+        if sample.get("filter", filt) != filt:
+            continue
+        value = sample[metric]
+        by_doc[int(sample["doc_id"])] = "1" if float(value) >= 0.5 else "0"
+    return "".join(by_doc[i] for i in sorted(by_doc))
 
 
 def mean(values: list[float | None]) -> float | None:
@@ -171,7 +187,7 @@ def evaluate_model(
                 tasks=[task_name(task)],
                 task_manager=task_manager,
                 limit=spec.limit,
-                log_samples=False,
+                log_samples=True,  # per-document scores for paired comparisons
                 gen_kwargs={"max_gen_toks": max_gen_toks} if gen else None,
             )
             if results is None:  # only on non-zero ranks of a distributed run

@@ -310,3 +310,23 @@ def test_builtin_model_beats_chance_on_arc_easy(tmp_path, session_home):
     arc = result["tasks"]["arc_easy"]
     assert arc["n"] == 20
     assert arc["acc"] > 0.25, arc  # four choices: chance is 0.25
+
+
+def test_every_document_has_its_score(tmp_path, tiny_llama):
+    """Per-document scores (for paired comparisons) in document order, agreeing with acc."""
+    planted = _planted_docs(
+        tiny_llama, ["Question: What colour is the sky?", "Question: Name a fruit."]
+    )
+    q, best, worst = planted[0]
+    q2, best2, worst2 = planted[1]
+    rows = [
+        {"query": q, "choices": [best, worst], "gold": 0},  # right
+        {"query": q2, "choices": [best2, worst2], "gold": 1},  # wrong
+        {"query": q, "choices": [worst, best], "gold": 1},  # right
+    ]
+    data = tmp_path / "data"
+    _write_jsonl(data / "arc_easy" / "arc_easy.jsonl", rows)
+    spec = EvaluateSpec(model=str(tiny_llama), tasks=["arc_easy"], batch_size=2)
+    rec = run_evaluate(spec, tmp_path / "e.json", data_dir=data)["tasks"]["arc_easy"]
+    assert rec["scores"] == "101"
+    assert rec["acc"] == pytest.approx(2 / 3)
