@@ -1,59 +1,56 @@
-"""The paper's experiment (arXiv 2410.09982, Table 1 and its ablations) at small scale on
-the builtin SmolLM2-135M-Instruct: no fine-tuning vs SFT vs self-data distillation.
+"""Recovery of a pruned SmolLM2-135M-Instruct, measured with power: no fine-tuning vs SFT
+vs self-data distillation (SD, arXiv 2410.09982) vs logit distillation (KD, Minitron)
+vs SD + KD, on the default (checked) prune at 6 and 10 of 30 blocks.
 
     .venv/bin/python -m bench.recovery --data-dir ../shared/data --out runs/recovery
 
-Stages, in order of importance, each skipped when its output is already complete (so
-rerunning the same command after an interruption resumes; distillation and fine-tuning
-also resume inside their step). ``docs/results.md`` (``--results``) is rewritten after
-every stage with what is done so far; cells still to run say "pending".
+Stages run in order of importance and each is skipped when its output is complete, so
+rerunning the same command resumes (distillation and fine-tuning also resume inside
+their step); ``--only`` runs the stages whose label starts so. ``docs/results.md``
+(``--results``) is rewritten after every stage; cells still to run say "pending".
 
-1. One calibration pass (128 Alpaca rows) scores every block; pruned models for
-   angular 6 and 10 blocks (the main table) and angular vs Block Influence for 2, 4, 6
-   blocks (the ablation) are cut from those scores.
-2. The recovery set: a seeded, shuffled mix of Alpaca and GSM8K-train rows. The
-   unpruned model rewrites it (SDFT templates; the math template, answer-checked, on
-   GSM8K rows).
-3. Evaluation of the unpruned model and the pruned ones without fine-tuning.
-4. For 6 and 10 blocks: LoRA on the original responses (SFT) and on the self-distilled
-   ones (SD), identical settings, rows, steps and seeds; evaluation with teacher
-   agreement and speculative-decoding acceptance.
-5. The ablation's remaining models (angular 2, 4; BI 2, 4, 6; no fine-tuning).
-6. The data-size sweep: SFT vs SD on the first quarter and half of the recovery set
-   (6 blocks).
-7. Tried after, as the paper suggests: SD fine-tuned on the Alpaca and the GSM8K rows
-   apart and SLERP-merged; twice the data (the recovery set plus as many new rows).
+1. One calibration pass scores every block; each size is cut with ``distillery prune``'s
+   defaults (angular distance on plain text, checked by KL among the best candidates).
+2. The recovery set (``--rows``, a seeded shuffle of Alpaca and GSM8K-train rows) and the
+   unpruned model's rewrite of it (SDFT templates; math template, answer-checked, on
+   the GSM8K rows).
+3. Evaluation of the unpruned model, then of each condition: the same LoRA settings,
+   rows, steps and seeds for SFT (original responses), SD (rewritten responses), KD
+   (original responses, loss = KL to the unpruned model) and SD + KD. Every evaluation
+   scores the full task sets, keeps every document's score, and measures teacher KL,
+   top-1 agreement and speculative acceptance on held-out prompts.
+4. The adapter probe: SD at 6 blocks with a stronger adapter than rank 8 on q/v.
+
+Comparisons are paired: the accuracy difference of two conditions over the same
+documents with a bootstrap interval (``service/stats.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
 from pathlib import Path
 
 from service.datasets import write_jsonl
-from service.evaluate import retention
 from service.models import DEFAULT_MODEL
 from service.progress import ConsoleReporter, Reporter
 from service.specs import DistillSpec, EvaluateSpec, FinetuneSpec, PruneSpec
+from service.stats import paired_difference, task_scores
 
-TASKS = ["arc_easy", "arc_challenge", "piqa", "openbookqa", "winogrande", "boolq"]
-MAIN_BLOCKS = (6, 10)
-ABLATION = [(m, n) for n in (2, 4, 6) for m in ("angular", "bi")]
-MERGED = "sd-6-merged"
 PAPER = "91.2% (self-data distillation) vs 81.7% (SFT), Llama3.1-8B-Instruct, 6 of 32 blocks"
-
-
-def pruned_name(metric: str, blocks: int) -> str:
-    return f"pruned-{metric}{blocks}"
-
-
-def ft_name(kind: str, blocks: int, rows: int) -> str:
-    return f"{kind}-{blocks}-{rows}rows"
+CONDITIONS = {  # name -> (label, data, logit distillation)
+    "sft": ("SFT", "recovery", False),
+    "sd": ("self-data distillation (SD)", "distilled", False),
+    "kd": ("logit distillation (KD)", "recovery", True),
+    "sdkd": ("SD + KD", "distilled", True),
+}
+PAIRS = [("sd", "sft"), ("kd", "sft"), ("sdkd", "sd"), ("sdkd", "kd"), ("sft", "none")]
+# The stronger adapter tried on one condition first (SD, 6 blocks): every projection of
+# attention and MLP at rank 16, as QLoRA and LLaMA-Factory's "all" target.
+PROBE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class Experiment:
@@ -63,11 +60,14 @@ class Experiment:
         self.data = Path(args.data_dir)
         self.reporter: Reporter = ConsoleReporter("recovery")
         self.times: dict[str, float] = self._read("times.json") or {}
+        self.blocks = [int(b) for b in args.blocks.split(",")]
+        self.tasks = args.tasks.split(",")
         self.config = {
             k: getattr(args, k)
             for k in (
                 "model", "rows", "gsm8k_fraction", "max_new_tokens", "engine", "lr",
-                "epochs", "lora_rank", "eval_limit", "agreement_prompts", "seed",
+                "epochs", "lora_rank", "targets", "kd_weight", "kd_temperature",
+                "eval_limit", "tasks", "agreement_prompts", "blocks", "seed",
             )
         }  # fmt: skip
 
@@ -99,8 +99,7 @@ class Experiment:
 
     # -- data --------------------------------------------------------------------------
     def recovery_set(self) -> Path:
-        """A seeded shuffle of Alpaca and GSM8K-train rows, written once; the sweep's
-        quarter and half are its first rows, so they keep the same mix."""
+        """A seeded shuffle of Alpaca and GSM8K-train rows, written once."""
         path = self.out / "recovery.jsonl"
         if path.is_file():
             return path
@@ -138,17 +137,13 @@ class Experiment:
         from service.models import load_model
         from service.prune import run_prune, score_calibration
 
-        settings = list(dict.fromkeys([("angular", n) for n in MAIN_BLOCKS] + ABLATION))
-        todo = [
-            s for s in settings if not (self.out / pruned_name(*s) / "prune_report.json").is_file()
-        ]
+        todo = [n for n in self.blocks if not (self.pruned(n) / "prune_report.json").is_file()]
         if not todo:
             return
         base = PruneSpec(
             model=self.args.model,
             calibration=str(self.data / "alpaca" / "alpaca_5000.json"),
-            blocks=1,
-            samples=128,
+            blocks=todo[0],
             seed=self.args.seed,
         )
 
@@ -157,21 +152,16 @@ class Experiment:
             return score_calibration(base, model, tokenizer, self.reporter)
 
         scores = self.timed("prune: calibration pass", score)
-        for metric, n in todo:
-            spec = base.model_copy(update={"blocks": n, "metric": metric})
-            report = run_prune(spec, self.out / pruned_name(metric, n), self.reporter, scores)
-            self.reporter.event(f"{metric} {n}: removed {report['removed_layers']}")
+        for n in todo:
+            spec = base.model_copy(update={"blocks": n})
+            report = self.timed(
+                f"prune {n}",
+                lambda s=spec, n=n: run_prune(s, self.pruned(n), self.reporter, scores),
+            )
+            self.reporter.event(f"{n} blocks: removed {report['removed_layers']}")
 
-    def distill_spec(self, dataset: Path) -> DistillSpec:
-        """The teacher's rewrite of ``dataset``, the same for every set of this run."""
-        return DistillSpec(
-            teacher=self.args.model,
-            dataset=str(dataset),
-            max_new_tokens=self.args.max_new_tokens,
-            batch_size=self.args.distill_batch,
-            engine=self.args.engine,
-            seed=self.args.seed,
-        )
+    def pruned(self, blocks: int) -> Path:
+        return self.out / f"pruned-{blocks}"
 
     def distill(self) -> dict:
         from service.distill import run_distill
@@ -179,88 +169,52 @@ class Experiment:
         done = self._read("distill_summary.json")
         if done:
             return done
-        spec = self.distill_spec(self.recovery_set())
+        spec = DistillSpec(
+            teacher=self.args.model,
+            dataset=str(self.recovery_set()),
+            max_new_tokens=self.args.max_new_tokens,
+            batch_size=self.args.distill_batch,
+            engine=self.args.engine,
+            seed=self.args.seed,
+        )
         summary = self.timed(
             "distill", lambda: run_distill(spec, self.out / "distilled.jsonl", self.reporter)
         )
         return self._write("distill_summary.json", summary)
 
-    def finetune(self, kind: str, blocks: int, rows: int) -> Path:
-        data = self.out / "distilled.jsonl" if kind == "sd" else self.recovery_set()
-        return self.train(ft_name(kind, blocks, rows), blocks, data, rows)
-
-    def train(self, name: str, blocks: int, data: Path, rows: int | None = None) -> Path:
-        """LoRA on the angular-pruned model, the same settings for every condition."""
+    def train(self, cond: str, blocks: int, name: str | None = None, **adapter) -> str:
+        """LoRA on the pruned model; the same settings for every condition."""
         from service.finetune import run_finetune
 
+        _, data, kd = CONDITIONS[cond]
+        name = name or f"{cond}-{blocks}"
         out = self.out / name
         if (out / "train_log.json").is_file():
-            return out
+            return name
+        rank = adapter.get("rank", self.args.lora_rank)
         spec = FinetuneSpec(
-            model=str(self.out / pruned_name("angular", blocks)),
-            dataset=str(data),
-            lora_rank=self.args.lora_rank,
-            lora_alpha=2 * self.args.lora_rank,
+            model=str(self.pruned(blocks)),
+            dataset=str(self.recovery_set() if data == "recovery" else self.distilled()),
+            lora_rank=rank,
+            lora_alpha=2 * rank,
+            target_modules=adapter.get("targets", self.args.targets.split(",")),
             lr=self.args.lr,
             epochs=self.args.epochs,
-            limit=rows,
             seed=self.args.seed,
+            teacher=self.args.model if kd else None,
+            kd_weight=self.args.kd_weight,
+            kd_temperature=self.args.kd_temperature,
         )
         self.timed(f"finetune {name}", lambda: run_finetune(spec, out, self.reporter, resume=True))
-        return out
+        return name
 
-    def more_data(self) -> None:
-        """SFT vs SD on twice the rows: the recovery set plus as many new rows of the same
-        mix (another seed), the new ones distilled like the first."""
-        from service.distill import run_distill
+    def distilled(self) -> Path:
+        path = self.out / "distilled.jsonl"
+        if not (self.out / "distill_summary.json").is_file():
+            raise SystemExit("the distill stage has not run: run the stages in order")
+        return path
 
-        n = 2 * self.args.rows
-        orig, dist = self.out / f"recovery-{n}.jsonl", self.out / f"distilled-{n}.jsonl"
-        if not dist.is_file():
-            extra = self.out / "recovery-extra.jsonl"
-            first = self.recovery_set().read_text()
-            if not extra.is_file():
-                seen = {json.dumps(json.loads(x), sort_keys=True) for x in first.splitlines()}
-                pool = json.loads((self.data / "alpaca" / "alpaca_5000.json").read_text())
-                gsm = (self.data / "gsm8k" / "train.jsonl").read_text().splitlines()
-                pool += [json.loads(line) for line in gsm]
-                pool = [r for r in pool if json.dumps(r, sort_keys=True) not in seen]
-                rng = random.Random(self.args.seed + 2)
-                n_gsm = round(self.args.rows * self.args.gsm8k_fraction)
-                alpaca = [r for r in pool if "instruction" in r]
-                rows = rng.sample(alpaca, self.args.rows - n_gsm)
-                rows += rng.sample([r for r in pool if "question" in r], n_gsm)
-                rng.shuffle(rows)
-                write_jsonl(extra, rows)
-            spec = self.distill_spec(extra)
-            part = self.out / "distilled-extra.jsonl"
-            if not part.is_file():
-                self.timed("distill extra", lambda: run_distill(spec, part, self.reporter))
-            orig.write_text(first + extra.read_text())
-            dist.write_text((self.out / "distilled.jsonl").read_text() + part.read_text())
-        for kind, data in (("sft", orig), ("sd", dist)):
-            self.train(ft_name(kind, 6, n), 6, data)
-            self.evaluate(ft_name(kind, 6, n))
-
-    def merged_sd(self) -> None:
-        """The paper's merge at this scale: SD on the Alpaca rows and SD on the GSM8K rows
-        of the recovery set, fine-tuned apart, SLERP-merged (t = 0.5), 6 blocks."""
-        from service.merge import run_merge
-        from service.specs import MergeSpec
-
-        out = self.out / MERGED
-        if not (out / "merge_report.json").is_file():
-            rows = [json.loads(line) for line in (self.out / "distilled.jsonl").open()]
-            parts = []
-            for source, key in (("alpaca", "instruction"), ("gsm8k", "question")):
-                path = self.out / f"distilled-{source}.jsonl"
-                write_jsonl(path, [r for r in rows if key in r])
-                parts.append(self.train(f"sd-6-{source}", 6, path))
-            spec = MergeSpec(models=[str(p) for p in parts], t=0.5)
-            self.timed(f"merge {MERGED}", lambda: run_merge(spec, out, self.reporter))
-        self.evaluate(MERGED, True)
-
-    def evaluate(self, name: str, agreement: bool = False) -> dict:
+    def evaluate(self, name: str, agreement: bool = True) -> dict:
         from service.evaluate import run_evaluate
 
         path = self.out / f"eval-{name}.json"
@@ -269,7 +223,7 @@ class Experiment:
         ref = self.args.model if name == "unpruned" else str(self.out / name)
         spec = EvaluateSpec(
             model=ref,
-            tasks=TASKS,
+            tasks=self.tasks,
             limit=self.args.eval_limit,
             teacher=self.args.model if agreement else None,
             agreement_dataset=str(self.heldout_prompts()) if agreement else None,
@@ -284,35 +238,20 @@ class Experiment:
 
     # -- the run -----------------------------------------------------------------------
     def stages(self):
-        rows = self.args.rows
         yield "prune", self.prune_all
         yield "distill", self.distill
-        yield "evaluate unpruned", lambda: self.evaluate("unpruned")
-        for n in MAIN_BLOCKS:
-            yield f"evaluate pruned {n}", lambda n=n: self.evaluate(pruned_name("angular", n), True)
-        for n in MAIN_BLOCKS:
-            for kind in ("sft", "sd"):
+        yield "evaluate unpruned", lambda: self.evaluate("unpruned", agreement=False)
+        for n in self.blocks:
+            yield f"evaluate pruned {n}", lambda n=n: self.evaluate(f"pruned-{n}")
+            for cond in CONDITIONS:
+                yield f"{cond} {n}", lambda c=cond, n=n: self.evaluate(self.train(c, n))
+            if n == self.blocks[0]:
                 yield (
-                    f"{kind} {n}",
-                    lambda kind=kind, n=n: (
-                        self.finetune(kind, n, rows),
-                        self.evaluate(ft_name(kind, n, rows), True),
+                    f"probe {n}",
+                    lambda n=n: self.evaluate(
+                        self.train("sd", n, f"sd-{n}-all16", rank=16, targets=PROBE_TARGETS)
                     ),
                 )
-        for metric, n in ABLATION:
-            yield f"ablation {metric} {n}", lambda m=metric, n=n: self.evaluate(pruned_name(m, n))
-        for part in (rows // 4, rows // 2):
-            for kind in ("sft", "sd"):
-                yield (
-                    f"sweep {kind} {part}",
-                    lambda kind=kind, part=part: (
-                        self.finetune(kind, 6, part),
-                        self.evaluate(ft_name(kind, 6, part)),
-                    ),
-                )
-
-        yield "try merge", self.merged_sd
-        yield "try more data", self.more_data
 
     def run(self) -> None:
         self.check_config()
@@ -321,92 +260,67 @@ class Experiment:
                 continue
             self.reporter.event(f"stage: {label}")
             fn()
-            write_results(self.out, self.args, self.times, Path(self.args.results))
-        write_results(self.out, self.args, self.times, Path(self.args.results))
+            write_results(self, Path(self.args.results))
+        write_results(self, Path(self.args.results))
 
 
 # -- the results document --------------------------------------------------------------
-def _load(out: Path, name: str) -> dict | None:
-    path = out / f"eval-{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}"
 
 
-def _avg_se(ev: dict) -> float | None:
-    ses = [r.get("acc_stderr") for r in ev["tasks"].values()]
-    if any(s is None for s in ses):
-        return None
-    return math.sqrt(sum(s * s for s in ses)) / len(ses)
-
-
-def _row(label: str, ev: dict | None, base: dict | None, extra: list[str] | None = None) -> str:
-    n_extra = len(extra) if extra is not None else 0
+def model_row(label: str, ev: dict | None, base: dict | None, tasks: list[str]) -> str:
     if ev is None:
-        return f"| {label} | " + " | ".join(["pending"] * (len(TASKS) + 3 + n_extra)) + " |"
-    cells = []
-    for t in TASKS:
-        r = ev["tasks"][t]
-        se = r.get("acc_stderr")
-        cells.append(f"{r['acc']:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
-    se = _avg_se(ev)
-    cells.append(f"{ev['average']:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
-    for tasks in (TASKS, above_chance(base)):
-        ret = retention(_only(ev, tasks), _only(base, tasks))["mean"] if base else None
-        cells.append(f"{100 * ret:.1f}%" if ret is not None else "-")
-    return f"| {label} | " + " | ".join(cells + (extra or [])) + " |"
-
-
-# Accuracy of guessing: uniform over the choices (boolq: yes/no).
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "openbookqa": 0.25,
-          "winogrande": 0.5, "boolq": 0.5}  # fmt: skip
-
-
-def above_chance(base: dict | None) -> list[str]:
-    """Tasks the unpruned model does clearly better than guessing on (acc > chance + 2 SE):
-    on the others a "retention" measures noise around chance, not retained skill."""
-    if base is None:
-        return []
-    return [
-        t
-        for t in TASKS
-        if base["tasks"][t]["acc"] > CHANCE[t] + 2 * (base["tasks"][t].get("acc_stderr") or 0)
-    ]
-
-
-def _only(ev: dict | None, tasks: list[str]) -> dict:
-    return {t: r for t, r in ((ev or {}).get("tasks") or {}).items() if t in tasks}
-
-
-def _agreement_cells(ev: dict | None) -> list[str]:
-    a = (ev or {}).get("agreement")
-    s = (ev or {}).get("speculative") or {}
-    if not a:
-        return ["-", "-", "-"]
+        return f"| {label} | " + " | ".join(["pending"] * (len(tasks) + 5)) + " |"
+    cells = [f"{ev['tasks'][t]['acc']:.3f}" for t in tasks]
+    cells.append(f"{sum(ev['tasks'][t]['acc'] for t in tasks) / len(tasks):.3f}")
+    if base:
+        ret = [ev["tasks"][t]["acc"] / base["tasks"][t]["acc"] for t in tasks]
+        cells.append(f"{100 * sum(ret) / len(ret):.1f}%")
+    else:
+        cells.append("-")
+    a, s = ev.get("agreement"), ev.get("speculative") or {}
     rate = s.get("acceptance_rate")
-    return [f"{a['kl_mean']:.3f}", f"{a['top1']:.3f}", f"{rate:.3f}" if rate is not None else "-"]
+    cells += [f"{a['kl_mean']:.3f}", f"{a['top1']:.3f}"] if a else ["-", "-"]
+    cells.append(f"{rate:.3f}" if rate is not None else "-")
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def _train_cells(out: Path, name: str) -> str:
-    log = out / name / "train_log.json"
-    if not log.is_file():
-        return "pending"
-    t = json.loads(log.read_text())
-    return f"{t.get('rows')} rows, {t.get('tokens')} tokens, final loss {t.get('final_loss'):.3f}"
+def pair_row(label: str, a: dict | None, b: dict | None, tasks: list[str]) -> str:
+    if a is None or b is None:
+        return f"| {label} | " + " | ".join(["pending"] * (len(tasks) + 2)) + " |"
+    r = paired_difference(task_scores(a, tasks), task_scores(b, tasks))
+    cells = []
+    for t in tasks:
+        x = r["tasks"][t]
+        lo, hi = x["ci"]
+        cells.append(f"{_pct(x['diff'])} [{_pct(lo)}, {_pct(hi)}] ({x['a_only']}/{x['b_only']})")
+    lo, hi = r["ci"]
+    verdict = "A better" if lo > 0 else "B better" if hi < 0 else "no difference shown"
+    cells += [f"**{_pct(r['diff'])}** [{_pct(lo)}, {_pct(hi)}]", verdict]
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def write_results(out: Path, args: argparse.Namespace, times: dict, dest: Path) -> None:
-    base = _load(out, "unpruned")
-    sure = ", ".join(above_chance(base)) or "none yet"
-    head = "| model | " + " | ".join(TASKS) + f" | average | retention | retention ({sure}) |"
-    rule = "|" + "---|" * (len(TASKS) + 4)
+def write_results(exp: Experiment, dest: Path) -> None:
+    out, args, tasks = exp.out, exp.args, exp.tasks
+
+    def ev(name: str) -> dict | None:
+        return exp._read(f"eval-{name}.json")
+
+    base = ev("unpruned")
+    n_gsm = round(args.rows * args.gsm8k_fraction)
+    limit = "the full sets" if args.eval_limit is None else f"the first {args.eval_limit}"
+    cmd = (
+        f".venv/bin/python -m bench.recovery --data-dir ../shared/data --out {args.out} "
+        f"--rows {args.rows} --epochs {args.epochs} --lr {args.lr} --blocks {args.blocks}"
+    )
     lines = [
-        "# Results: recovering a pruned SmolLM2-135M-Instruct (the paper's experiment, small)",
+        "# Results: recovering a pruned SmolLM2-135M-Instruct",
         "",
         "Written by `bench/recovery.py`; rerun to resume or refresh:",
         "",
         "```",
-        f".venv/bin/python -m bench.recovery --data-dir ../shared/data --out {args.out} "
-        f"--rows {args.rows} --eval-limit {args.eval_limit} --epochs {args.epochs} "
-        f"--lr {args.lr}",
+        cmd,
         "```",
         "",
         f"Paper, for reference: average accuracy retention {PAPER}.",
@@ -414,85 +328,96 @@ def write_results(out: Path, args: argparse.Namespace, times: dict, dest: Path) 
         "## Setup",
         "",
         f"- Model: `{args.model}` (30 decoder blocks), fp32 on a 2-core CPU.",
-        "- Pruning: angular distance (Gromov et al.) on 128 Alpaca rows (seeded sample, "
-        "256 tokens each); one calibration pass, every prune cut from its scores.",
-        f"- Recovery set: {args.rows} rows, a seeded shuffle of "
-        f"{args.rows - round(args.rows * args.gsm8k_fraction)} Alpaca (alpaca_5000.json) "
-        f"and {round(args.rows * args.gsm8k_fraction)} GSM8K-train rows (seed {args.seed}).",
-        f"- Self-distillation: the unpruned model rewrites every response (SDFT templates, "
-        f"math template with answer check on GSM8K rows), greedy, at most "
-        f"{args.max_new_tokens} new tokens, `{args.engine}` engine.",
-        f"- Fine-tuning (identical for SFT and SD): LoRA rank {args.lora_rank}, alpha "
-        f"{2 * args.lora_rank}, q_proj/v_proj, lr {args.lr} cosine, batch 8, {args.epochs} "
-        f"epochs, seed {args.seed}; the same rows in the same order, so the same steps.",
-        f"- Evaluation: lm-evaluation-harness on the local task files, first {args.eval_limit} "
-        "documents of each task (the same documents for every model), acc (not acc_norm) "
-        "± standard error; average ± its "
-        "standard error (tasks taken as independent); retention = mean over tasks of "
-        "model acc / unpruned acc; the last column keeps only the tasks the unpruned model "
-        "does clearly better than chance on (acc > chance + 2 SE), since on the others a "
-        "ratio measures noise around chance.",
+        "- Pruning: `distillery prune` defaults (angular distance on 128 Alpaca rows as "
+        "plain text, read at the last content token, the choice checked by KL among the "
+        "best candidates); one calibration pass, every size cut from its scores.",
+        f"- Recovery set: {args.rows} rows, a seeded shuffle of {args.rows - n_gsm} Alpaca "
+        f"(alpaca_5000.json) and {n_gsm} GSM8K-train rows (seed {args.seed}).",
+        f"- SD: the unpruned model rewrites every response (SDFT templates, math template "
+        f"with answer check on GSM8K rows), greedy, at most {args.max_new_tokens} new "
+        f"tokens, `{args.engine}` engine; a rewrite that fails its checks keeps the "
+        "original response.",
+        f"- KD: loss = {1 - args.kd_weight:g}·CE + {args.kd_weight:g}·T²·KL(teacher ‖ "
+        f"student), T = {args.kd_temperature:g}, on the response tokens, the unpruned "
+        "model as teacher (Minitron; Model Optimizer's LogitsDistillationLoss).",
+        f"- Fine-tuning, identical for every condition: LoRA rank {args.lora_rank}, alpha "
+        f"{2 * args.lora_rank}, on {args.targets}, lr {args.lr} cosine, batch 8, "
+        f"{args.epochs} epochs, seed {args.seed}: the same rows in the same order.",
+        f"- Evaluation: lm-evaluation-harness on the local task files, {limit} documents "
+        f"of {', '.join(tasks)} (the same documents for every model), acc. Retention = "
+        "mean over tasks of acc / unpruned acc.",
         f"- Teacher agreement on {args.agreement_prompts} held-out prompts (half Alpaca rows "
         "outside the recovery set, half GSM8K test questions), 64 greedy teacher tokens "
-        "each: KL(teacher || model) per token, top-1 agreement, and the exact acceptance "
-        "rate of the model as a 5-token speculative draft for the unpruned teacher.",
+        "each: KL(teacher ‖ model) per token, top-1 agreement, and the acceptance rate of "
+        "the model as a 5-token speculative draft for the unpruned teacher.",
     ]
-    ds = (
-        json.loads((out / "distill_summary.json").read_text())
-        if (out / "distill_summary.json").is_file()
-        else None
-    )
+    ds = exp._read("distill_summary.json")
     if ds:
         lines.append(
             f"- Distilled: {ds['distilled']} of {ds['rows']} rows kept the rewrite "
             f"({100 * ds['distilled_fraction']:.0f}%); reasons {ds.get('reasons')}."
         )
-    lines += ["", "## Main table", "", head + " KL | top-1 | draft acceptance |",
-              rule + "---|---|---|"]  # fmt: skip
-    lines.append(_row("unpruned (30 blocks)", base, base, ["-", "-", "-"]))
-    for n in MAIN_BLOCKS:
-        pr = _load(out, pruned_name("angular", n))
-        report = out / pruned_name("angular", n) / "prune_report.json"
-        removed = json.loads(report.read_text())["removed_layers"] if report.is_file() else "?"
+    head = "| model | " + " | ".join(tasks) + " | average | retention | KL | top-1 | acceptance |"
+    rule = "|" + "---|" * (len(tasks) + 6)
+    lines += ["", "## Main table", "", head, rule]
+    lines.append(model_row("unpruned (30 blocks)", base, base, tasks))
+    for n in exp.blocks:
+        report = exp._read(f"pruned-{n}/prune_report.json") or {}
+        removed = report.get("removed_layers", "?")
         lines.append(
-            _row(f"{n} blocks cut {removed}, no fine-tuning", pr, base, _agreement_cells(pr))
+            model_row(f"{n} blocks {removed}, no fine-tuning", ev(f"pruned-{n}"), base, tasks)
         )
-        for kind, label in (("sft", "SFT"), ("sd", "self-data distillation")):
-            ev = _load(out, ft_name(kind, n, args.rows))
-            lines.append(_row(f"{n} blocks, {label}", ev, base, _agreement_cells(ev)))
-    lines += ["", "Training per condition:", ""]
-    for n in MAIN_BLOCKS:
-        for kind in ("sft", "sd"):
-            name = ft_name(kind, n, args.rows)
-            lines.append(f"- `{name}`: {_train_cells(out, name)}")
+        for cond, (label, _, _) in CONDITIONS.items():
+            lines.append(model_row(f"{n} blocks, {label}", ev(f"{cond}-{n}"), base, tasks))
+        if n == exp.blocks[0]:
+            lines.append(
+                model_row(
+                    f"{n} blocks, SD, rank 16 on every projection", ev(f"sd-{n}-all16"), base, tasks
+                )
+            )
     lines += [
         "",
-        "## Ablation: angular distance vs Block Influence, no fine-tuning",
+        "## Paired differences",
         "",
-        head,
-        rule,
+        "Accuracy of A minus accuracy of B in points over the same documents, with a 95% "
+        "bootstrap interval (10,000 resamples of the documents, `service/stats.py`); in "
+        "parentheses, the documents only A / only B gets right. The average weighs tasks "
+        "equally.",
+        "",
+        "| A vs B | " + " | ".join(tasks) + " | average | verdict |",
+        "|" + "---|" * (len(tasks) + 3),
     ]
-    for metric, n in ABLATION:
-        report = out / pruned_name(metric, n) / "prune_report.json"
-        removed = json.loads(report.read_text())["removed_layers"] if report.is_file() else "?"
-        lines.append(_row(f"{metric} {n} {removed}", _load(out, pruned_name(metric, n)), base))
-    lines += ["", "## Data size: SFT vs self-data distillation, 6 blocks", "", head, rule]
-    for part in (args.rows // 4, args.rows // 2, args.rows, 2 * args.rows):
-        for kind, label in (("sft", "SFT"), ("sd", "SD")):
-            lines.append(_row(f"{label}, {part} rows", _load(out, ft_name(kind, 6, part)), base))
-    lines += ["", "## Tried after: SD fine-tuned per source and SLERP-merged, 6 blocks", "",
-              head + " KL | top-1 | draft acceptance |", rule + "---|---|---|"]  # fmt: skip
-    ev = _load(out, ft_name("sd", 6, args.rows))
-    lines.append(_row("SD on the mix (main table)", ev, base, _agreement_cells(ev)))
-    ev = _load(out, MERGED)
-    lines.append(_row("SD Alpaca ⊕ SD GSM8K (SLERP 0.5)", ev, base, _agreement_cells(ev)))
-    lines += ["", "## Wall times (seconds, this run, shared 2-core machine)", ""]
-    lines += [f"- {k}: {v}" for k, v in times.items()]
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    for n in exp.blocks:
+        for a, b in PAIRS:
+            a_ev = ev(f"{a}-{n}")
+            b_ev = ev(f"pruned-{n}" if b == "none" else f"{b}-{n}")
+            label_b = "no fine-tuning" if b == "none" else CONDITIONS[b][0]
+            lines.append(
+                pair_row(f"{n} blocks: {CONDITIONS[a][0]} vs {label_b}", a_ev, b_ev, tasks)
+            )
+        if n == exp.blocks[0]:
+            lines.append(
+                pair_row(f"{n} blocks: SD rank 16 all vs SD rank {args.lora_rank}",
+                         ev(f"sd-{n}-all16"), ev(f"sd-{n}"), tasks)
+            )  # fmt: skip
+    lines += ["", "## Training per condition", ""]
+    for name in sorted(p.name for p in out.iterdir() if (p / "train_log.json").is_file()):
+        t = json.loads((out / name / "train_log.json").read_text())
+        steps = t["steps"] if isinstance(t["steps"], list) else []
+        kl = [s["kl"] for s in steps if "kl" in s]
+        kl_txt = f", KL {kl[0]:.3f} -> {kl[-1]:.3f}" if kl else ""
+        lines.append(
+            f"- `{name}`: {t.get('rows')} rows, {len(steps)} steps, {t.get('tokens')} tokens, "
+            f"loss {t.get('first_loss'):.3f} -> {t.get('final_loss'):.3f}{kl_txt}, "
+            f"{t.get('seconds', 0):.0f} s"
+        )
+    lines += ["", "## Wall times (seconds, this run, 2-core machine)", ""]
+    lines += [f"- {k}: {v}" for k, v in exp.times.items()]
     notes = dest.with_name("results-notes.md")
     text = "\n".join(lines) + "\n"
     if notes.is_file():  # the hand-written discussion, kept across rewrites
         text += "\n" + notes.read_text()
+    dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(text)
 
 
@@ -502,16 +427,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/recovery")
     ap.add_argument("--results", default="docs/results.md")
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--rows", type=int, default=128, help="recovery rows (Alpaca + GSM8K)")
+    ap.add_argument("--blocks", default="6,10", help="prune sizes, in order of importance")
+    ap.add_argument("--rows", type=int, default=512, help="recovery rows (Alpaca + GSM8K)")
     ap.add_argument("--gsm8k-fraction", type=float, default=0.25)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--engine", default="fast")
+    ap.add_argument("--engine", default="auto")
     ap.add_argument("--distill-batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--eval-limit", type=int, default=100)
-    ap.add_argument("--agreement-prompts", type=int, default=32)
+    ap.add_argument("--targets", default="q_proj,v_proj")
+    ap.add_argument("--kd-weight", type=float, default=1.0)
+    ap.add_argument("--kd-temperature", type=float, default=1.0)
+    ap.add_argument("--tasks", default="arc_easy,piqa")
+    ap.add_argument("--eval-limit", type=int, default=None, help="default: full task sets")
+    ap.add_argument("--agreement-prompts", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="run only stages whose label starts so")
     args = ap.parse_args(argv)
