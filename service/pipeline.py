@@ -52,6 +52,8 @@ def step_specs(spec: PipelineSpec, out: Path) -> dict:
             lr=spec.lr,
             epochs=spec.epochs,
             seed=spec.seed,
+            # Logit distillation from the unpruned model, when asked (bench/recovery.py).
+            **({"teacher": spec.model, "kd_weight": spec.kd_weight} if spec.kd_weight else {}),
         ),
         "evaluate": {
             name: EvaluateSpec(

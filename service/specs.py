@@ -262,6 +262,13 @@ class PipelineSpec(Spec):
     lora_alpha: float = Field(16, gt=0, le=4096)
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     epochs: float = Field(1, gt=0, le=100)
+    kd_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fine-tune step: weight of logit distillation from the unpruned model "
+        "(KL on the response tokens, Minitron); 0: cross-entropy on the distilled rows only.",
+    )
     tasks: list[Literal[TASKS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["arc_easy", "piqa"], min_length=1
     )

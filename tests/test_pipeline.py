@@ -68,3 +68,12 @@ def test_retention_arithmetic():
     r = retention(model["tasks"], base["tasks"])
     assert r["tasks"] == {"a": pytest.approx(0.5), "b": pytest.approx(1.0)}
     assert r["mean"] == pytest.approx(0.75)
+
+
+def test_kd_weight_makes_the_unpruned_model_the_fine_tune_teacher(tmp_path):
+    from service.pipeline import step_specs
+
+    plain = step_specs(PipelineSpec(model="m", dataset="d"), tmp_path)["finetune"]
+    assert plain.teacher is None
+    kd = step_specs(PipelineSpec(model="m", dataset="d", kd_weight=0.5), tmp_path)["finetune"]
+    assert kd.teacher == "m" and kd.kd_weight == 0.5
