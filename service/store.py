@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import time
@@ -35,6 +36,8 @@ from typing import Any
 
 from service.errors import DistilleryError
 from service.once import made_once, publish
+
+log = logging.getLogger(__name__)
 
 KINDS = ("dataset", "model", "run")
 PREFIX = {"dataset": "ds", "model": "mdl", "run": "run"}
@@ -163,6 +166,8 @@ class ArtifactStore:
             raise
 
     # -- reading ---------------------------------------------------------------------
+    # A damaged manifest fails the reads of its own artifact (``manifest``), never a
+    # listing: one tenant's broken file must not make every tenant's list answer 500.
     def manifest(self, kind: str, artifact_id: str) -> dict:
         if self.remote:
             self._check_id(kind, artifact_id)
@@ -181,7 +186,9 @@ class ArtifactStore:
             m = d / MANIFEST
             if d.name.startswith(".") or not m.is_file():
                 continue
-            yield json.loads(m.read_text())
+            doc = _parse_manifest(m.read_bytes(), str(m))
+            if doc is not None:
+                yield doc
 
     def delete(self, kind: str, artifact_id: str) -> None:
         if self.remote:
@@ -211,8 +218,10 @@ class ArtifactStore:
             for p in self.fs.glob(f"{root}/*/{MANIFEST}")
             if not p.rstrip("/").split("/")[-2].startswith(".")
         ]
-        for raw in (self.fs.cat(paths, on_error="omit") if paths else {}).values():
-            yield json.loads(raw)
+        for path, raw in (self.fs.cat(paths, on_error="omit") if paths else {}).items():
+            doc = _parse_manifest(raw, path)
+            if doc is not None:
+                yield doc
 
     def _upload(self, folder: Path, kind: str, artifact_id: str) -> None:
         """Replace the remote artifact by ``folder``: files first, manifest last."""
@@ -262,3 +271,16 @@ class ArtifactStore:
 
 def get_store() -> ArtifactStore:
     return ArtifactStore.from_settings()
+
+
+def _parse_manifest(raw: bytes, where: str) -> dict | None:
+    """A listed manifest, or None (logged) when it is not a JSON object."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        log.warning("skipping a damaged manifest %s: %s", where, exc)
+        return None
+    if not isinstance(doc, dict) or "id" not in doc:
+        log.warning("skipping a manifest without an id: %s", where)
+        return None
+    return doc
