@@ -115,11 +115,46 @@ def vllm_settings():
         get_settings.cache_clear()
 
 
+@contextlib.contextmanager
+def flask_like_module():
+    """A module holding a werkzeug ``LocalProxy`` that is unbound, as ``flask.globals``
+    holds ``current_app`` outside an app context: reading any attribute of it raises
+    RuntimeError. In CI moto's server has imported Flask before the vLLM tests run."""
+    import sys
+    import types
+    from contextvars import ContextVar
+
+    from werkzeug.local import LocalProxy
+
+    module = types.ModuleType("flask_like_for_the_test")
+    module.current_app = LocalProxy(ContextVar("app"), unbound_message="outside of app context")
+    sys.modules[module.__name__] = module
+    try:
+        yield module
+    finally:
+        sys.modules.pop(module.__name__, None)
+
+
+def test_modules_whose_attributes_raise_are_hidden_from_vllm_only_meanwhile():
+    import sys
+
+    from service.teacher.vllm_engine import modules_vllm_can_scan
+
+    with flask_like_module() as module:
+        with pytest.raises(RuntimeError, match="app context"):
+            hasattr(module.current_app, "__dict__")  # what vLLM's scan does
+        with modules_vllm_can_scan() as hidden:
+            assert module.__name__ in hidden and module.__name__ not in sys.modules
+            assert "os" in sys.modules
+        assert sys.modules[module.__name__] is module
+
+
 @pytest.fixture(scope="module")
 def engine(vllm_llama, session_home):
     from service.teacher.vllm_engine import VLLMEngine
 
-    with vllm_settings():
+    # Built in a process where Flask-like modules are loaded (vLLM 0.32 failed there).
+    with vllm_settings(), flask_like_module():
         eng = VLLMEngine(str(vllm_llama), dtype="float32")
         yield eng
         eng.close()

@@ -42,6 +42,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
+from contextlib import contextmanager
 
 from service.teacher.base import Generation, GenParams, Request, TeacherEngine, render_prompt
 from service.teacher.hf_engine import stop_ids
@@ -69,6 +71,41 @@ def prepare_cpu_env(threads: int, kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+
+
+@contextmanager
+def modules_vllm_can_scan():
+    """sys.modules without the modules vLLM's kernel registration cannot scan, while the
+    ``LLM`` is built.
+
+    vLLM 0.32's CPU worker registers its Triton kernel overrides by scanning every
+    module's namespace with ``hasattr(value, "__dict__")``
+    (``vllm/triton_utils/dispatcher.py``, ``_rebind_kernels``). A value whose attribute
+    access raises anything but AttributeError stops the scan and ``LLM(...)`` with it:
+    werkzeug's ``LocalProxy`` (Flask's ``current_app``, ``g``, ``request``) raises
+    "Working outside of application context", so vLLM could not start in any process that
+    had imported Flask (moto's server in our tests, a user's Flask app). Such modules hold
+    no vLLM kernel, so leaving them out of the scan changes nothing else; they are put
+    back at once."""
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        try:
+            values = list(vars(module).values())
+        except TypeError:  # no namespace
+            continue
+        for value in values:
+            try:
+                hasattr(value, "__dict__")
+            except Exception:
+                hidden[name] = module
+                break
+    for name in hidden:
+        del sys.modules[name]
+    try:
+        yield sorted(hidden)
+    finally:
+        for name, module in hidden.items():
+            sys.modules.setdefault(name, module)
 
 
 class VLLMEngine(TeacherEngine):
@@ -128,7 +165,8 @@ class VLLMEngine(TeacherEngine):
         # nothing is bound, and this process's apply_threads must keep working after.
         set_num_threads = torch.set_num_threads
         try:
-            self.llm = LLM(**kwargs)
+            with modules_vllm_can_scan():
+                self.llm = LLM(**kwargs)
         finally:
             torch.set_num_threads = set_num_threads
         self.tokenizer = self.llm.get_tokenizer()
