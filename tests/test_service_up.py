@@ -263,6 +263,8 @@ def test_up_refuses_a_home_whose_redis_is_alive(tmp_path):
         assert "in use by" in up.stderr and f"pid {pid}" in up.stderr, up.stderr
         assert redis_servers(home) == [pid]  # no second server on the same files
     finally:
-        first.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: a test run started as a background job of a script
+        # inherits SIGINT ignored, and so would this process.
+        first.send_signal(signal.SIGTERM)
         first.wait(30)
     assert redis_servers(home) == []

@@ -152,6 +152,11 @@ def main() -> int:
 
     server = start_redis(get_settings().home_dir() / "redis")
     print(server.url, flush=True)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM stops it as Ctrl-C does: Redis flushes its AOF
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         server.proc.wait()
     except KeyboardInterrupt:
