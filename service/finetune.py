@@ -293,7 +293,9 @@ class FinetuneRecipe:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss = 0.0
-        parts: dict[str, float] = {}
+        # Every key on every rank, even one with no example this step: under torchrun the
+        # ranks must make the same collective calls.
+        parts = dict.fromkeys(("ce", "kl") if self.teacher is not None else ("ce",), 0.0)
         for micro in micro_batches(mine, self.lengths, self.spec.micro_batch_size):
             batch = collate([self.examples[i] for i in micro], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -304,7 +306,7 @@ class FinetuneRecipe:
                 parts[k] = parts.get(k, 0.0) + v
         if self.world > 1:
             loss = distributed.sum_gradients(list(self.params.values()), loss)
-            if parts:
+            if self.teacher is not None:  # the parts are logged only then
                 summed = distributed.sum_scalars(list(parts.values()), self.device)
                 parts = dict(zip(parts, summed, strict=True))
         if not math.isfinite(loss):

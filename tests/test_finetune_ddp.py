@@ -32,13 +32,17 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tmp_path, tiny_llama):
+@pytest.mark.parametrize("kd", [False, True], ids=["ce", "logit-distillation"])
+def test_two_gloo_ranks_match_one_process(tmp_path, tiny_llama, wide_teacher, kd):
+    # With a teacher, the CE and KL parts are summed across ranks too, also in the last
+    # step where rank 1 has no example (it must still join every collective).
+    options = OPTIONS | ({"teacher": str(wide_teacher), "kd_weight": 0.5} if kd else {})
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ALPACA_ROWS[:7]))
-    spec = FinetuneSpec(model=str(tiny_llama), dataset=str(data), **OPTIONS)
+    spec = FinetuneSpec(model=str(tiny_llama), dataset=str(data), **options)
     single = run_finetune(spec, tmp_path / "single")
 
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in OPTIONS.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", "2", "-m", "service.cli", "finetune",
            "--model", str(tiny_llama), "--dataset", str(data),
@@ -56,6 +60,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, tiny_llama):
     for a, b in zip(log["steps"], ref["steps"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]
+        for part in ("ce", "kl") if kd else ():
+            assert a[part] == pytest.approx(b[part], rel=1e-4)
 
     base, one, two = weights(tiny_llama), weights(tmp_path / "single"), weights(tmp_path / "ddp")
     assert one.keys() == two.keys()
