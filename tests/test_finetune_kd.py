@@ -16,21 +16,12 @@ from service.progress import Reporter
 from service.specs import FinetuneSpec
 from tests.conftest import build_tiny_llama
 from tests.test_finetune import StopAt, train_log, weights
+from tests.test_finetune import _spec as finetune_spec
 
 
 def _spec(student, teacher, data, **kw) -> FinetuneSpec:
-    base = dict(
-        model=str(student),
-        dataset=str(data),
-        teacher=str(teacher),
-        lr=1e-3,
-        epochs=1.5,  # 6 steps of 2 rows: crosses an epoch boundary
-        batch_size=2,
-        micro_batch_size=1,
-        checkpoint_every=2,
-        seed=3,
-    )
-    return FinetuneSpec(**(base | kw))
+    """test_finetune's resume-test spec, with ``teacher`` for logit distillation."""
+    return finetune_spec(student, data, teacher=str(teacher), **kw)
 
 
 def test_a_student_equal_to_its_teacher_has_zero_kl(tiny_llama, alpaca_file, tmp_path):
