@@ -299,7 +299,7 @@ def run_distill(
     dataset_sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
     own_engine = engine is None and engine_for is None
     if engine is None:
-        name = pick_engine(spec.engine, rows=hi - lo)
+        name = pick_engine(spec.engine, rows=hi - lo, dtype=spec.dtype)
         if engine_for is not None:
             engine = engine_for(spec, name)
         else:

@@ -276,11 +276,13 @@ def test_run_distill_on_the_vllm_engine(engine, vllm_llama, tmp_path):
     assert all(g["reason"] for g in got)
 
 
-def test_auto_picks_vllm_on_a_gpu_and_fast_on_a_cpu():
+def test_auto_picks_vllm_on_a_gpu_or_for_bf16_and_fast_on_a_cpu():
     from service.teacher.factory import make_engine, pick_engine
 
     want = "vllm" if torch.cuda.is_available() else "fast"
     assert pick_engine("auto") == pick_engine("auto", rows=10**6) == want
+    # only vLLM runs bf16: the fast engine would silently run fp32
+    assert pick_engine("auto", dtype="bfloat16") == "vllm"
     assert pick_engine("hf", rows=10**6) == "hf"
     with pytest.raises(ValueError, match="unknown teacher engine"):
         make_engine("nope", "builtin:smollm2-135m-instruct")

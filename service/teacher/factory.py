@@ -13,25 +13,25 @@ from service.teacher.base import TeacherEngine
 ENGINES = ("hf", "fast", "vllm", "openai")
 
 
-# ``auto``: vLLM on a GPU; on a CPU the fast engine, until a quiet side-by-side run says
-# otherwise. The only CPU figures so far (docs/performance.md, issue 14: a shared 2-core
-# AVX2 machine, one round of 16 prompts) had vLLM fp32 at 1.77x fast on GSM8K prompts but
-# 0.98x on distillation prompts (Distillery's vLLM path 0.43x), and `distillery distill`
-# of 16 rows took 88.6 s on vllm against 64.4 s on fast. vLLM on a CPU is one
-# `--engine vllm` away.
+# ``auto`` on a CPU, from one quiet side-by-side run (docs/performance.md, issue 14:
+# `bench.teacher_side_by_side`, 64 prompts, 128 new tokens, 2 rounds, a 2-core Xeon with
+# AMX): in exact fp32 the fast engine wins GSM8K prompts (434 tok/s against vLLM's 308)
+# and ties on distillation prompts (242 against 248), and it starts sooner, so fp32 stays
+# on `fast`. bf16 is vLLM's alone (the fast and hf engines run fp32): 1.6-2x fast where
+# the CPU has AMX or AVX512-BF16, slower than fp32 where it has neither.
 
 
-def pick_engine(name: str, rows: int | None = None) -> str:
-    """What ``auto`` means here: vLLM where it is installed and a GPU is present, else the
-    fast engine. ``rows`` (the job's size) is accepted for a size rule once one is
-    measured."""
+def pick_engine(name: str, rows: int | None = None, dtype: str = "float32") -> str:
+    """What ``auto`` means here: vLLM where it is installed and a GPU is present, or where
+    the job asks for bf16; else the fast engine. ``rows`` (the job's size) is accepted for
+    a size rule once one is measured."""
     if name != "auto":
         return name
     if importlib.util.find_spec("vllm") is None:
         return "fast"
     import torch
 
-    return "vllm" if torch.cuda.is_available() else "fast"
+    return "vllm" if torch.cuda.is_available() or dtype == "bfloat16" else "fast"
 
 
 def make_engine(name: str, model_ref: str, rows: int | None = None, **options) -> TeacherEngine:
