@@ -9,6 +9,14 @@ rerunning the same command resumes (distillation and fine-tuning also resume ins
 their step); ``--only`` runs the stages whose label starts so. ``docs/results.md``
 (``--results``) is rewritten after every stage; cells still to run say "pending".
 
+What a finished stage measured (the prune reports, the distillation summary, every
+evaluation with its per-document scores, the training logs, the wall times) goes to
+``--record`` (``docs/results-data/recovery``), small JSON files kept in the repository:
+the run takes longer than one session of a 2-core machine, and the record lets a later
+session, on a fresh clone, continue from the first unmeasured condition. The heavy
+artifacts (pruned models, adapters, the rewrite) stay under ``--out`` and are rebuilt
+when missing; a rebuilt prune must remove the recorded blocks.
+
 1. One calibration pass scores every block; each size is cut with ``distillery prune``'s
    defaults (angular distance on plain text, checked by KL among the best candidates).
 2. The recovery set (``--rows``, a seeded shuffle of Alpaca and GSM8K-train rows) and the
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -53,10 +62,26 @@ PAIRS = [("sd", "sft"), ("kd", "sft"), ("sdkd", "sd"), ("sdkd", "kd"), ("sft", "
 PROBE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector and matrix units, for the wall times."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith("model name")), "unknown CPU")  # fmt: skip
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                      if ln.startswith("flags")), []))  # fmt: skip
+    units = [u for u, f in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"),
+                            ("AVX-512", "avx512f"), ("AVX2", "avx2")) if f in flags]  # fmt: skip
+    return f"{model}, {os.cpu_count()} cores, {', '.join(units) or 'no AVX'}"
+
+
 class Experiment:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.out = Path(args.out)
+        self.record = Path(args.record)
         self.data = Path(args.data_dir)
         self.reporter: Reporter = ConsoleReporter("recovery")
         self.times: dict[str, float] = self._read("times.json") or {}
@@ -73,11 +98,12 @@ class Experiment:
 
     # -- bookkeeping -------------------------------------------------------------------
     def _read(self, name: str) -> dict | None:
-        path = self.out / name
+        path = self.record / name
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _write(self, name: str, obj: dict) -> dict:
-        path = self.out / name
+        path = self.record / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(obj, indent=2, default=str))
         tmp.replace(path)
@@ -88,13 +114,18 @@ class Experiment:
         result = fn()
         self.times[key] = round(self.times.get(key, 0.0) + time.monotonic() - t0, 1)
         self._write("times.json", self.times)
+        # sessions may run on different machines: say which ran each stage
+        self._write("cpus.json", {**(self._read("cpus.json") or {}), key: cpu_name()})
         return result
 
     def check_config(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         old = self._read("config.json")
         if old is not None and old != self.config:
-            sys.exit(f"{self.out} holds a run with other settings ({old}); use a new --out")
+            sys.exit(
+                f"{self.record} records a run with other settings ({old}); "
+                "use a new --record and --out"
+            )
         self._write("config.json", self.config)
 
     # -- data --------------------------------------------------------------------------
@@ -158,17 +189,27 @@ class Experiment:
                 f"prune {n}",
                 lambda s=spec, n=n: run_prune(s, self.pruned(n), self.reporter, scores),
             )
+            recorded = self._read(f"prune-{n}.json")
+            if recorded and recorded["removed_layers"] != report["removed_layers"]:
+                sys.exit(
+                    f"the rebuilt {n}-block prune removes {report['removed_layers']}, the "
+                    f"record says {recorded['removed_layers']}: the record's conditions were "
+                    "measured on another model; use a new --record"
+                )
+            self._write(f"prune-{n}.json", report)
             self.reporter.event(f"{n} blocks: removed {report['removed_layers']}")
 
     def pruned(self, blocks: int) -> Path:
         return self.out / f"pruned-{blocks}"
 
     def distill(self) -> dict:
+        """The unpruned model's rewrite of the recovery set, recorded once; rebuilt under
+        ``--out`` when a later session still has SD conditions to train."""
         from service.distill import run_distill
 
-        done = self._read("distill_summary.json")
-        if done:
-            return done
+        recorded = self._read("distill_summary.json")
+        if recorded and (self.out / "distilled.jsonl.done").is_file():
+            return recorded
         spec = DistillSpec(
             teacher=self.args.model,
             dataset=str(self.recovery_set()),
@@ -180,7 +221,16 @@ class Experiment:
         summary = self.timed(
             "distill", lambda: run_distill(spec, self.out / "distilled.jsonl", self.reporter)
         )
-        return self._write("distill_summary.json", summary)
+        (self.out / "distilled.jsonl.done").touch()
+        if recorded is None:
+            return self._write("distill_summary.json", summary)
+        if summary["distilled"] != recorded["distilled"]:  # a rebuild on another machine
+            self._write("distill_summary_rebuilt.json", summary)
+            self.reporter.event(
+                f"the rebuilt rewrite kept {summary['distilled']} rows, the record "
+                f"{recorded['distilled']}; later SD conditions train on the rebuilt one"
+            )
+        return recorded
 
     def train(self, cond: str, blocks: int, name: str | None = None, **adapter) -> str:
         """LoRA on the pruned model; the same settings for every condition."""
@@ -206,18 +256,22 @@ class Experiment:
             kd_temperature=self.args.kd_temperature,
         )
         self.timed(f"finetune {name}", lambda: run_finetune(spec, out, self.reporter, resume=True))
+        self._write(f"train-{name}.json", json.loads((out / "train_log.json").read_text()))
         return name
 
     def distilled(self) -> Path:
-        path = self.out / "distilled.jsonl"
-        if not (self.out / "distill_summary.json").is_file():
-            raise SystemExit("the distill stage has not run: run the stages in order")
-        return path
+        self.distill()
+        return self.out / "distilled.jsonl"
+
+    def condition(self, cond: str, blocks: int, name: str | None = None, **adapter) -> None:
+        """Train and evaluate one condition, unless the record already holds its scores."""
+        if self._read(f"eval-{name or f'{cond}-{blocks}'}.json") is None:
+            self.evaluate(self.train(cond, blocks, name, **adapter))
 
     def evaluate(self, name: str, agreement: bool = True) -> dict:
         from service.evaluate import run_evaluate
 
-        path = self.out / f"eval-{name}.json"
+        path = self.record / f"eval-{name}.json"
         if path.is_file():
             return json.loads(path.read_text())
         ref = self.args.model if name == "unpruned" else str(self.out / name)
@@ -239,17 +293,18 @@ class Experiment:
     # -- the run -----------------------------------------------------------------------
     def stages(self):
         yield "prune", self.prune_all
-        yield "distill", self.distill
+        # recorded already: rebuilt only when an SD condition still needs the rows
+        yield "distill", lambda: self._read("distill_summary.json") or self.distill()
         yield "evaluate unpruned", lambda: self.evaluate("unpruned", agreement=False)
         for n in self.blocks:
             yield f"evaluate pruned {n}", lambda n=n: self.evaluate(f"pruned-{n}")
             for cond in CONDITIONS:
-                yield f"{cond} {n}", lambda c=cond, n=n: self.evaluate(self.train(c, n))
+                yield f"{cond} {n}", lambda c=cond, n=n: self.condition(c, n)
             if n == self.blocks[0]:
                 yield (
                     f"probe {n}",
-                    lambda n=n: self.evaluate(
-                        self.train("sd", n, f"sd-{n}-all16", rank=16, targets=PROBE_TARGETS)
+                    lambda n=n: self.condition(
+                        "sd", n, f"sd-{n}-all16", rank=16, targets=PROBE_TARGETS
                     ),
                 )
 
@@ -302,7 +357,7 @@ def pair_row(label: str, a: dict | None, b: dict | None, tasks: list[str]) -> st
 
 
 def write_results(exp: Experiment, dest: Path) -> None:
-    out, args, tasks = exp.out, exp.args, exp.tasks
+    args, tasks = exp.args, exp.tasks
 
     def ev(name: str) -> dict | None:
         return exp._read(f"eval-{name}.json")
@@ -362,7 +417,7 @@ def write_results(exp: Experiment, dest: Path) -> None:
     lines += ["", "## Main table", "", head, rule]
     lines.append(model_row("unpruned (30 blocks)", base, base, tasks))
     for n in exp.blocks:
-        report = exp._read(f"pruned-{n}/prune_report.json") or {}
+        report = exp._read(f"prune-{n}.json") or {}
         removed = report.get("removed_layers", "?")
         lines.append(
             model_row(f"{n} blocks {removed}, no fine-tuning", ev(f"pruned-{n}"), base, tasks)
@@ -401,8 +456,8 @@ def write_results(exp: Experiment, dest: Path) -> None:
                          ev(f"sd-{n}-all16"), ev(f"sd-{n}"), tasks)
             )  # fmt: skip
     lines += ["", "## Training per condition", ""]
-    for name in sorted(p.name for p in out.iterdir() if (p / "train_log.json").is_file()):
-        t = json.loads((out / name / "train_log.json").read_text())
+    for path in sorted(exp.record.glob("train-*.json")):
+        name, t = path.stem.removeprefix("train-"), json.loads(path.read_text())
         steps = t["steps"] if isinstance(t["steps"], list) else []
         kl = [s["kl"] for s in steps if "kl" in s]
         kl_txt = f", KL {kl[0]:.3f} -> {kl[-1]:.3f}" if kl else ""
@@ -411,8 +466,9 @@ def write_results(exp: Experiment, dest: Path) -> None:
             f"loss {t.get('first_loss'):.3f} -> {t.get('final_loss'):.3f}{kl_txt}, "
             f"{t.get('seconds', 0):.0f} s"
         )
-    lines += ["", "## Wall times (seconds, this run, 2-core machine)", ""]
-    lines += [f"- {k}: {v}" for k, v in exp.times.items()]
+    lines += ["", "## Wall times (seconds; the machine that ran each stage)", ""]
+    cpus = exp._read("cpus.json") or {}
+    lines += [f"- {k}: {v} ({cpus.get(k, 'machine not recorded')})" for k, v in exp.times.items()]
     notes = dest.with_name("results-notes.md")
     text = "\n".join(lines) + "\n"
     if notes.is_file():  # the hand-written discussion, kept across rewrites
@@ -426,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--out", default="runs/recovery")
     ap.add_argument("--results", default="docs/results.md")
+    ap.add_argument(
+        "--record",
+        default="docs/results-data/recovery",
+        help="where finished stages' measurements are kept (in the repository)",
+    )
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--blocks", default="6,10", help="prune sizes, in order of importance")
     ap.add_argument("--rows", type=int, default=512, help="recovery rows (Alpaca + GSM8K)")
