@@ -35,15 +35,19 @@ def load_rows(path: Path, n: int) -> list[dict]:
 class Direct:
     """``run_distill`` on a teacher loaded once (not timed), as the teacher worker holds it."""
 
-    def __init__(self, rows_file: Path, teacher: str, max_new_tokens: int, batch_size: int):
+    def __init__(self, rows_file: Path, teacher: str, max_new_tokens: int, batch_size: int,
+                 engine: dict) -> None:  # fmt: skip
         from service.distill import engine_options
         from service.specs import DistillSpec
         from service.teacher import make_engine
+        from service.teacher.factory import pick_engine
 
         self.rows_file = rows_file
         self.spec = DistillSpec(teacher=teacher, dataset=str(rows_file),
-                                max_new_tokens=max_new_tokens, batch_size=batch_size)  # fmt: skip
-        self.engine = make_engine(self.spec.engine, self.spec.teacher, **engine_options(self.spec))
+                                max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                **engine)  # fmt: skip
+        name = pick_engine(self.spec.engine, dtype=self.spec.dtype)  # as run_distill resolves it
+        self.engine = make_engine(name, self.spec.teacher, **engine_options(self.spec, name))
 
     def run(self) -> tuple[float, list]:
         from service.distill import run_distill
@@ -59,7 +63,13 @@ class ThroughAPI:
     """The same rows as a distill job: from ``POST /v1/jobs`` until ``/result`` returned."""
 
     def __init__(
-        self, c: httpx.Client, rows: list[dict], teacher: str, max_new_tokens: int, batch_size: int
+        self,
+        c: httpx.Client,
+        rows: list[dict],
+        teacher: str,
+        max_new_tokens: int,
+        batch_size: int,
+        engine: dict,
     ):
         self.c = c
         body = "".join(json.dumps(r) + "\n" for r in rows)
@@ -67,7 +77,7 @@ class ThroughAPI:
         self.ds = c.post("/v1/datasets", content=body, headers=hdr).json()["id"]
         warm = c.post("/v1/datasets", content=json.dumps(rows[0]) + "\n", headers=hdr).json()
         self.spec = {"type": "distill", "teacher": teacher, "max_new_tokens": max_new_tokens,
-                     "batch_size": batch_size}  # fmt: skip
+                     "batch_size": batch_size, **engine}  # fmt: skip
         self._run(warm["id"])  # the teacher worker loads (or already holds) the engine
 
     def _run(self, dataset: str) -> tuple[float, list]:
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engine", default="auto", help="the teacher engine of both paths")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
 
     from api.client import local_api_key
@@ -111,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=args.url, headers=headers, timeout=600) as c:
-            api = ThroughAPI(c, rows, args.teacher, args.max_new_tokens, args.batch_size)
-            direct = Direct(rows_file, args.teacher, args.max_new_tokens, args.batch_size)
+            engine = {"engine": args.engine, "dtype": args.dtype}
+            api = ThroughAPI(c, rows, args.teacher, args.max_new_tokens, args.batch_size, engine)
+            direct = Direct(rows_file, args.teacher, args.max_new_tokens, args.batch_size, engine)
             try:
                 for _ in range(args.repeats):
                     seconds, api_rows = api.run()
