@@ -285,10 +285,13 @@ class Experiment:
             agreement_max_new_tokens=64,
             speedup_prompts=0,
         )
-        return self.timed(
+        result = self.timed(
             f"evaluate {name}",
             lambda: run_evaluate(spec, path, self.reporter, data_dir=self.data),
         )
+        # the record is committed: the data directory as given (relative), not this
+        # machine's absolute path
+        return self._write(path.name, {**result, "data_dir": str(self.data)})
 
     # -- the run -----------------------------------------------------------------------
     def stages(self):
