@@ -480,7 +480,7 @@ def write_results(exp: Experiment, dest: Path) -> None:
     dest.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--out", default="runs/recovery")
@@ -508,7 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agreement-prompts", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="run only stages whose label starts so")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not (Path(args.data_dir) / "alpaca" / "alpaca_5000.json").is_file():
         sys.exit(
             f"{args.data_dir} lacks alpaca/alpaca_5000.json: this experiment needs ../shared/data"
