@@ -56,7 +56,9 @@ CONDITIONS = {  # name -> (label, data, logit distillation)
     "kd": ("logit distillation (KD)", "recovery", True),
     "sdkd": ("SD + KD", "distilled", True),
 }
-PAIRS = [("sd", "sft"), ("kd", "sft"), ("sdkd", "sd"), ("sdkd", "kd"), ("sft", "none")]
+PAIRS = [
+    ("sd", "sft"), ("kd", "sft"), ("sdkd", "sd"), ("sdkd", "kd"), ("sft", "none"), ("sd", "none"),
+]  # fmt: skip
 # The stronger adapter tried on one condition first (SD, 6 blocks): every projection of
 # attention and MLP at rank 16, as QLoRA and LLaMA-Factory's "all" target.
 PROBE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -508,11 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--agreement-prompts", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="run only stages whose label starts so")
+    ap.add_argument("--render", action="store_true", help="only rewrite --results from the record")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        write_results(Experiment(args), Path(args.results))
+        return 0
     if not (Path(args.data_dir) / "alpaca" / "alpaca_5000.json").is_file():
         sys.exit(
             f"{args.data_dir} lacks alpaca/alpaca_5000.json: this experiment needs ../shared/data"
