@@ -210,7 +210,7 @@ class Experiment:
         from service.distill import run_distill
 
         recorded = self._read("distill_summary.json")
-        if recorded and (self.out / "distilled.jsonl.done").is_file():
+        if recorded and (self.out / "distilled.jsonl").is_file():  # written once complete
             return recorded
         spec = DistillSpec(
             teacher=self.args.model,
@@ -223,7 +223,6 @@ class Experiment:
         summary = self.timed(
             "distill", lambda: run_distill(spec, self.out / "distilled.jsonl", self.reporter)
         )
-        (self.out / "distilled.jsonl.done").touch()
         if recorded is None:
             return self._write("distill_summary.json", summary)
         if summary["distilled"] != recorded["distilled"]:  # a rebuild on another machine
@@ -289,7 +288,7 @@ class Experiment:
         )
         result = self.timed(
             f"evaluate {name}",
-            lambda: run_evaluate(spec, path, self.reporter, data_dir=self.data),
+            lambda: run_evaluate(spec, self.out / path.name, self.reporter, data_dir=self.data),
         )
         # the record is committed: the data directory as given (relative), not this
         # machine's absolute path

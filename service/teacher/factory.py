@@ -35,8 +35,9 @@ def pick_engine(name: str, rows: int | None = None, dtype: str = "float32") -> s
 
 
 def make_engine(name: str, model_ref: str, rows: int | None = None, **options) -> TeacherEngine:
-    """Build an engine by name (``auto``: see :func:`pick_engine`)."""
-    name = pick_engine(name, rows)
+    """Build an engine by name (``auto``: see :func:`pick_engine`, which reads the
+    ``dtype`` option)."""
+    name = pick_engine(name, rows, options.get("dtype", "float32"))
     if name == "hf":
         from service.teacher.hf_engine import HFEngine
 
