@@ -57,7 +57,8 @@ CONDITIONS = {  # name -> (label, data, logit distillation)
     "sdkd": ("SD + KD", "distilled", True),
 }
 PAIRS = [
-    ("sd", "sft"), ("kd", "sft"), ("sdkd", "sd"), ("sdkd", "kd"), ("sft", "none"), ("sd", "none"),
+    ("sd", "sft"), ("kd", "sft"), ("kd", "sd"), ("sdkd", "sd"), ("sdkd", "kd"),
+    ("sft", "none"), ("sd", "none"), ("kd", "none"), ("sdkd", "none"),
 ]  # fmt: skip
 # The stronger adapter tried on one condition first (SD, 6 blocks): every projection of
 # attention and MLP at rank 16, as QLoRA and LLaMA-Factory's "all" target.
