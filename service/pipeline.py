@@ -49,6 +49,7 @@ def step_specs(spec: PipelineSpec, out: Path) -> dict:
             dataset=str(distilled),
             lora_rank=spec.lora_rank,
             lora_alpha=spec.lora_alpha,
+            target_modules=spec.lora_targets,
             lr=spec.lr,
             epochs=spec.epochs,
             seed=spec.seed,

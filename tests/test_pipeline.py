@@ -77,3 +77,19 @@ def test_kd_weight_makes_the_unpruned_model_the_fine_tune_teacher(tmp_path):
     assert plain.teacher is None
     kd = step_specs(PipelineSpec(model="m", dataset="d", kd_weight=0.5), tmp_path)["finetune"]
     assert kd.teacher == "m" and kd.kd_weight == 0.5
+
+
+def test_the_pipeline_adapts_every_projection_at_rank_16(tmp_path):
+    """The measured default (docs/results.md), not FinetuneSpec's SDFT default."""
+    from service.pipeline import step_specs
+
+    ft = step_specs(PipelineSpec(model="m", dataset="d"), tmp_path)["finetune"]
+    assert (ft.lora_rank, ft.lora_alpha) == (16, 32)
+    assert set(ft.target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    }  # fmt: skip
+    mine = PipelineSpec(model="m", dataset="d", lora_rank=8, lora_targets=["q_proj", "v_proj"])
+    assert step_specs(mine, tmp_path)["finetune"].target_modules == ["q_proj", "v_proj"]
+    for bad in ([], ["../x"], ["q"] * 1000):
+        with pytest.raises(ValueError):
+            PipelineSpec(model="m", dataset="d", lora_targets=bad)
