@@ -455,11 +455,13 @@ def write_results(exp: Experiment, dest: Path) -> None:
             lines.append(
                 pair_row(f"{n} blocks: {CONDITIONS[a][0]} vs {label_b}", a_ev, b_ev, tasks)
             )
-        if n == exp.blocks[0]:
-            lines.append(
-                pair_row(f"{n} blocks: SD rank 16 all vs SD rank {args.lora_rank}",
-                         ev(f"sd-{n}-all16"), ev(f"sd-{n}"), tasks)
-            )  # fmt: skip
+        if n == exp.blocks[0]:  # the probe against its own condition, the best, and none
+            for b, label_b in (("sd", f"SD rank {args.lora_rank}"), ("kd", "KD"),
+                               ("pruned", "no fine-tuning")):  # fmt: skip
+                lines.append(
+                    pair_row(f"{n} blocks: SD rank 16 all vs {label_b}",
+                             ev(f"sd-{n}-all16"), ev(f"{b}-{n}"), tasks)
+                )  # fmt: skip
     lines += ["", "## Training per condition", ""]
     for path in sorted(exp.record.glob("train-*.json")):
         name, t = path.stem.removeprefix("train-"), json.loads(path.read_text())
