@@ -27,7 +27,8 @@ when missing; a rebuilt prune must remove the recorded blocks.
    (original responses, loss = KL to the unpruned model) and SD + KD. Every evaluation
    scores the full task sets, keeps every document's score, and measures teacher KL,
    top-1 agreement and speculative acceptance on held-out prompts.
-4. The adapter probe: SD at 6 blocks with a stronger adapter than rank 8 on q/v.
+4. The adapter probe: SD with a stronger adapter than rank 8 on q/v, at each size after
+   its main conditions.
 
 Comparisons are paired: the accuracy difference of two conditions over the same
 documents with a bootstrap interval (``service/stats.py``).
@@ -305,13 +306,13 @@ class Experiment:
             yield f"evaluate pruned {n}", lambda n=n: self.evaluate(f"pruned-{n}")
             for cond in CONDITIONS:
                 yield f"{cond} {n}", lambda c=cond, n=n: self.condition(c, n)
-            if n == self.blocks[0]:
-                yield (
-                    f"probe {n}",
-                    lambda n=n: self.condition(
-                        "sd", n, f"sd-{n}-all16", rank=16, targets=PROBE_TARGETS
-                    ),
-                )
+            # the probe runs after the main conditions of its size
+            yield (
+                f"probe {n}",
+                lambda n=n: self.condition(
+                    "sd", n, f"sd-{n}-all16", rank=16, targets=PROBE_TARGETS
+                ),
+            )
 
     def run(self) -> None:
         self.check_config()
@@ -429,12 +430,11 @@ def write_results(exp: Experiment, dest: Path) -> None:
         )
         for cond, (label, _, _) in CONDITIONS.items():
             lines.append(model_row(f"{n} blocks, {label}", ev(f"{cond}-{n}"), base, tasks))
-        if n == exp.blocks[0]:
-            lines.append(
-                model_row(
-                    f"{n} blocks, SD, rank 16 on every projection", ev(f"sd-{n}-all16"), base, tasks
-                )
+        lines.append(
+            model_row(
+                f"{n} blocks, SD, rank 16 on every projection", ev(f"sd-{n}-all16"), base, tasks
             )
+        )
     lines += [
         "",
         "## Paired differences",
@@ -455,13 +455,13 @@ def write_results(exp: Experiment, dest: Path) -> None:
             lines.append(
                 pair_row(f"{n} blocks: {CONDITIONS[a][0]} vs {label_b}", a_ev, b_ev, tasks)
             )
-        if n == exp.blocks[0]:  # the probe against its own condition, the best, and none
-            for b, label_b in (("sd", f"SD rank {args.lora_rank}"), ("kd", "KD"),
-                               ("pruned", "no fine-tuning")):  # fmt: skip
-                lines.append(
-                    pair_row(f"{n} blocks: SD rank 16 all vs {label_b}",
-                             ev(f"sd-{n}-all16"), ev(f"{b}-{n}"), tasks)
-                )  # fmt: skip
+        # the probe against its own condition, the best, and none
+        for b, label_b in (("sd", f"SD rank {args.lora_rank}"), ("kd", "KD"),
+                           ("pruned", "no fine-tuning")):  # fmt: skip
+            lines.append(
+                pair_row(f"{n} blocks: SD rank 16 all vs {label_b}",
+                         ev(f"sd-{n}-all16"), ev(f"{b}-{n}"), tasks)
+            )  # fmt: skip
     lines += ["", "## Training per condition", ""]
     for path in sorted(exp.record.glob("train-*.json")):
         name, t = path.stem.removeprefix("train-"), json.loads(path.read_text())
