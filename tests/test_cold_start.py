@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from service.specs import PIPELINE_LORA_TARGETS
 from tests.redis_fixture import wait_for
 from tests.test_service_up import start_up, stop, wait_ready
 
@@ -138,4 +139,8 @@ def test_pipeline_from_an_empty_home(tmp_path, monkeypatch):
     pruned = load_file(next((models / arts["pruned"] / "model").glob("*.safetensors")))
     recovered = load_file(next((models / arts["recovered"] / "model").glob("*.safetensors")))
     moved = [k for k in pruned if not torch.equal(pruned[k], recovered[k])]
-    assert moved and all("q_proj" in k or "v_proj" in k for k in moved)
+    # Only the adapted projections moved (merged LoRA), never embeddings or norms.
+    assert moved and all(any(t in k for t in PIPELINE_LORA_TARGETS) for k in moved)
+    assert {t for t in PIPELINE_LORA_TARGETS if any(t in k for k in moved)} == set(
+        PIPELINE_LORA_TARGETS
+    )
