@@ -47,7 +47,13 @@ from pathlib import Path
 from service.datasets import write_jsonl
 from service.models import DEFAULT_MODEL
 from service.progress import ConsoleReporter, Reporter
-from service.specs import DistillSpec, EvaluateSpec, FinetuneSpec, PruneSpec
+from service.specs import (
+    PIPELINE_LORA_TARGETS,
+    DistillSpec,
+    EvaluateSpec,
+    FinetuneSpec,
+    PruneSpec,
+)
 from service.stats import paired_difference, task_scores
 
 PAPER = "91.2% (self-data distillation) vs 81.7% (SFT), Llama3.1-8B-Instruct, 6 of 32 blocks"
@@ -62,8 +68,9 @@ PAIRS = [
     ("sft", "none"), ("sd", "none"), ("kd", "none"), ("sdkd", "none"),
 ]  # fmt: skip
 # The stronger adapter tried on one condition first (SD, 6 blocks): every projection of
-# attention and MLP at rank 16, as QLoRA and LLaMA-Factory's "all" target.
-PROBE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# attention and MLP at rank 16, as QLoRA and LLaMA-Factory's "all" target; the pipeline's
+# default since it won (service/specs.py), so one list serves both.
+PROBE_TARGETS = list(PIPELINE_LORA_TARGETS)
 
 
 def cpu_name() -> str:
