@@ -30,7 +30,6 @@ from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 
 from workers import stats
-from workers.shards import SHARD_TYPE
 from workers.submit import QUEUES
 
 
@@ -83,6 +82,16 @@ class DistilleryCollector(Collector):
             "Tokens the teacher generated for the rows of succeeded distill jobs.",
             value=generated.get("tokens", 0),
         )
+        yield CounterMetricFamily(
+            "distillery_prompt_tokens",
+            "Prompt tokens the teacher read for the rows of succeeded distill jobs.",
+            value=generated.get("prompt_tokens", 0),
+        )
+        yield CounterMetricFamily(
+            "distillery_cached_rows",
+            "Rows of succeeded distill jobs served from the rewrite cache (no engine call).",
+            value=generated.get("cached_rows", 0),
+        )
         yield self._tokens_per_second()
         yield self._durations()
 
@@ -95,8 +104,8 @@ class DistilleryCollector(Collector):
             p.hmget(key, "type", "status", "progress")
         rates: dict[str, float] = defaultdict(float)
         for typ, status, progress in p.execute() if keys else []:
-            if _text(status) != "running" or not progress or _text(typ) == SHARD_TYPE:
-                continue  # a sharded job's own progress already sums its shards' rates
+            if _text(status) != "running" or not progress:
+                continue
             rate = json.loads(progress).get("tokens_per_s")
             if isinstance(rate, int | float):
                 rates[_text(typ)] += rate

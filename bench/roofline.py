@@ -74,55 +74,37 @@ def memory_bound(cfg, prompt_lens, gen_lens, rate_gflops: float, bw_gbs: float) 
 
 
 def matmul_rate(cfg, sizes=(64, 256, 1024), seconds: float = 1.0) -> float:
-    """fp32 GFLOP/s of one decoder block's matrix products at M rows, best over M and over
-    the two ways torch runs them on a CPU (``F.linear``, and MKL with the weights packed
-    once, as the fast engine does); the median of repeated timings at each M."""
-    from service.teacher.llama_forward import mkl_packing_available
-
-    packed = mkl_packing_available(torch.device("cpu"), torch.float32)
+    """fp32 GFLOP/s of one decoder block's matrix products (``F.linear``) at M rows, best
+    over M; the median of repeated timings at each M."""
     best = 0.0
     for m in sizes:
         mats = [(torch.randn(m, i), torch.randn(o, i)) for i, o in layer_shapes(cfg)]
         flops = 2 * m * sum(i * o for i, o in layer_shapes(cfg))
-        ways = [lambda x, w, p: torch.nn.functional.linear(x, w)]
-        packs = [None] * len(mats)
-        if packed:
-            packs = [torch.ops.mkl._mkl_reorder_linear_weight(w, m) for _, w in mats]
-            ways.append(lambda x, w, p: torch.ops.mkl._mkl_linear(x, p, w, None, x.shape[0]))
-        for way in ways:
 
-            def products(way=way, mats=mats, packs=packs):
-                for (x, w), p in zip(mats, packs, strict=True):
-                    way(x, w, p)
+        def products(mats=mats):
+            for x, w in mats:
+                torch.nn.functional.linear(x, w)
 
-            times = _time_repeated(products, seconds)
-            best = max(best, flops / statistics.median(times) / 1e9)
+        times = _time_repeated(products, seconds)
+        best = max(best, flops / statistics.median(times) / 1e9)
     return best
 
 
 def streamed_matmul_rate(cfg, m: int = 64, repeats: int = 3) -> float:
     """fp32 GFLOP/s of a decode step's block products at ``m`` rows when, as in a real
     step, every weight comes from memory: one pass over all the model's blocks (distinct
-    weights, MKL-packed where available, as the fast engine runs them), the best of
-    ``repeats`` passes. Not the roofline (that is the best rate), but the reason decode
-    steps stay below it: at tens of rows MKL does not hide the weights' streaming."""
-    from service.teacher.llama_forward import mkl_packing_available
-
-    packed = mkl_packing_available(torch.device("cpu"), torch.float32)
+    weights), the best of ``repeats`` passes. Not the roofline (that is the best rate),
+    but the reason decode steps stay below it: at tens of rows the products do not hide
+    the weights' streaming."""
     x = {i: torch.randn(m, i) for i, _ in layer_shapes(cfg)}
-    blocks = []
-    for _ in range(cfg.num_hidden_layers):
-        ws = [torch.randn(o, i) for i, o in layer_shapes(cfg)]
-        ps = [torch.ops.mkl._mkl_reorder_linear_weight(w, m) if packed else None for w in ws]
-        blocks.append(list(zip(ws, ps, strict=True)))
+    blocks = [
+        [torch.randn(o, i) for i, o in layer_shapes(cfg)] for _ in range(cfg.num_hidden_layers)
+    ]
 
     def one_pass():
         for block in blocks:
-            for w, p in block:
-                if p is None:
-                    torch.nn.functional.linear(x[w.shape[1]], w)
-                else:
-                    torch.ops.mkl._mkl_linear(x[w.shape[1]], p, w, None, m)
+            for w in block:
+                torch.nn.functional.linear(x[w.shape[1]], w)
 
     one_pass()
     best = float("inf")

@@ -9,7 +9,6 @@ as chat prompts; the SDFT general template on Alpaca rows). Greedy. Each round r
 row of both sets in turn, the next round in reverse order. Rows:
 
 - ``hf64``: ``HFEngine`` at batch 64 (plain ``generate``), the reference of "same";
-- ``fast``: the fast CPU engine (exact fp32, C decode kernels);
 - ``vllm-direct-<dtype>``: ``LLM.generate`` on the prompt token ids of ``render_prompt``,
   nothing around it (the same ``LLM`` the next row wraps);
 - ``vllm-<dtype>``: Distillery's ``VLLMEngine.generate`` on the same requests;
@@ -52,24 +51,20 @@ def vllm_direct(llm, tokenizer, requests, params) -> tuple[list[str], int]:
 
 class SideBySide:
     def __init__(self, args):
-        from service.models import load_model
-        from service.teacher.fast_engine import FastEngine
         from service.teacher.hf_engine import HFEngine
         from service.teacher.vllm_engine import VLLMEngine
 
         self.args = args
         self.params = GenParams(max_new_tokens=args.max_new_tokens)
-        model, tokenizer = load_model(args.model, device="cpu")
-        self.tokenizer = tokenizer
         self.hf = HFEngine(args.model, device="cpu", batch_size=64)
-        self.fast = FastEngine(args.model, model=model, tokenizer=tokenizer)
+        self.tokenizer = self.hf.tokenizer
         self.vllm = {d: VLLMEngine(args.model, dtype=d) for d in args.dtypes.split(",")}
         warm = gsm8k_requests(2)
-        for e in (self.hf, self.fast, *self.vllm.values()):
+        for e in (self.hf, *self.vllm.values()):
             e.generate(warm, GenParams(max_new_tokens=4))
 
     def names(self, set_name: str) -> list[str]:
-        out = ["hf64", "fast"]
+        out = ["hf64"]
         for d in self.vllm:
             out += [f"vllm-direct-{d}", f"vllm-{d}"]
             if set_name == "distill" and d in self.args.distill_dtypes.split(","):
@@ -82,8 +77,6 @@ class SideBySide:
         texts = None
         if name == "hf64":
             gens = self.hf.generate(requests, self.params)
-        elif name == "fast":
-            gens = self.fast.generate(requests, self.params)
         elif name.startswith("vllm-direct-"):
             engine = self.vllm[name.removeprefix("vllm-direct-")]
             texts, tokens = vllm_direct(engine.llm, self.tokenizer, requests, self.params)
@@ -152,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--distill-dtypes", default="float32", help="dtypes of the run_distill row")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quality", action="store_true")
-    ap.add_argument("--startup", default="", help="engines, e.g. hf@64,fast,vllm (empty: skip)")
+    ap.add_argument("--startup", default="", help="engines, e.g. hf@64,vllm (empty: skip)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -176,19 +169,17 @@ def main(argv: list[str] | None = None) -> dict:
     for s, table in rows.items():
         ref = table["hf64"].get("texts")
         print(f"\n== {s}: {args.n} prompts, {args.max_new_tokens} new tokens, greedy")
-        print(f"{'engine':<24}{'tok/s':>8}{'x hf64':>8}{'x fast':>8}{'same':>8}  rounds")
+        print(f"{'engine':<24}{'tok/s':>8}{'x hf64':>8}{'same':>8}  rounds")
         for r in table.values():
             r["tok_s"] = round(r["tokens"] / r["seconds"], 1)
         for name, r in table.items():
             r["x_hf64"] = round(r["tok_s"] / table["hf64"]["tok_s"], 2)
-            r["x_fast"] = round(r["tok_s"] / table["fast"]["tok_s"], 2)
             texts = r.pop("texts", None)
             same = "-"
             if texts is not None and ref is not None:
                 r["same_as_hf64"] = sum(a == b for a, b in zip(texts, ref, strict=True))
                 same = f"{r['same_as_hf64']}/{len(ref)}"
-            print(f"{name:<24}{r['tok_s']:>8}{r['x_hf64']:>8}{r['x_fast']:>8}{same:>8}"
-                  f"  {r['rounds']}")  # fmt: skip
+            print(f"{name:<24}{r['tok_s']:>8}{r['x_hf64']:>8}{same:>8}  {r['rounds']}")
         for d in bench.vllm:
             if f"vllm-{d}" in table:
                 path = table[f"vllm-{d}"]["tok_s"] / table[f"vllm-direct-{d}"]["tok_s"]

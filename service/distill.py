@@ -11,23 +11,15 @@ Output: one line per input row, in input order: the input object as read, plus
 a file back as a dataset whose rows train on ``response`` (SDFT likewise swaps the
 kept prediction into the row, ``eval/gen_distilled_data.py``).
 
-Batches: rows are sorted by prompt length (longest first, so an out-of-memory shows up
-in the first batch) and cut into groups of ``batch_size`` rows (unset: a size that suits
-the engine, ``batch_size_for``) that pad little. The plan depends
-only on the dataset and the spec, never on what is already done, so a resumed run
-generates exactly the batches an uninterrupted one would: greedy rewrites are identical.
-Sampled rows use seed ``row_seed(spec.seed, index)``, independent of batching.
-
-Shards: the service splits a large job into contiguous row ranges
-(``shard_bounds``), each distilled by ``run_distill`` with a
-:class:`~service.specs.DistillShardSpec` into a file of its own (and a partial of its
-own, so a shard resumes like a whole job); ``gather_shards`` concatenates them in shard
-order, which is input order. Batches are planned within a shard; with greedy decoding the
-rows do not depend on that (every engine's batched greedy output equals its one-at-a-time
-output, ``tests/test_distill.py``, ``tests/test_engines.py``).
+The engine: rows go through the teacher's engine loop (``service/teacher/loop.py``),
+the same loop a teacher worker of the service runs over rows of many jobs: vLLM keeps its
+batch full, adding rows as others finish, and each finished row comes back at once.
+Sampled rows use seed ``row_seed(spec.seed, index)``, so a row's sample does not depend on
+what it was batched with; greedy output does not depend on it either, up to the floating
+point of the batch composition (``tests/agree.py`` compares with a tolerance).
 
 Resume: finished rows go to ``OUT.partial`` (a header line, then one JSON line per row
-with its input index), flushed and fsynced after each batch. A rerun of the same command
+with its input index), flushed and fsynced after each engine step that finished rows. A rerun of the same command
 reads it back (a torn last line is dropped), skips finished rows, and at the end writes
 ``OUT`` atomically and removes the partial. A partial written for a different spec,
 dataset or engine is refused (SpecError) rather than silently mixed in or discarded.
@@ -42,7 +34,6 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -50,45 +41,68 @@ from typing import IO
 from service.datasets import Row, dataset_path, read_dataset, write_jsonl
 from service.errors import DistilleryError, SpecError
 from service.progress import Reporter
-from service.specs import DistillShardSpec, DistillSpec
-from service.teacher.base import GenParams, TeacherEngine
-from service.teacher.factory import make_engine, pick_engine
+from service.specs import DistillSpec
+from service.teacher.base import Generation, GenParams, TeacherEngine
+from service.teacher.factory import make_engine, pick_dtype, pick_engine
+from service.teacher.loop import EngineLoop, Item
 from service.templates import build_request, judge
 
 __all__ = [
     "Finished",
     "build_request",
-    "distill_pairs",
-    "gather_shards",
+    "finish_row",
     "judge",
+    "make_items",
     "output_row",
-    "plan_batches",
     "read_partial",
     "row_seed",
     "run_distill",
-    "shard_bounds",
 ]
 
 PARTIAL_SUFFIX = ".partial"
+# Rows per generate call of the reference hf engine (plain generate pads a batch to its
+# longest row and carries finished rows along: it wants small batches).
+HF_BATCH = 16
 
 
 @dataclass(frozen=True)
 class Finished:
-    """One distilled row: its input index, the output line, tokens generated for it."""
+    """One distilled row: its input index, the output line, tokens generated for it (and
+    read from its prompt), and whether it came from the rewrite cache."""
 
     index: int
     row: dict
     tokens: int
+    prompt_tokens: int = 0
+    cached: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
-            {"index": self.index, "tokens": self.tokens, "row": self.row}, ensure_ascii=False
+            {
+                "index": self.index,
+                "tokens": self.tokens,
+                "prompt_tokens": self.prompt_tokens,
+                "cached": self.cached,
+                "row": self.row,
+            },
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Finished:
+        rec = json.loads(raw)
+        return cls(
+            int(rec["index"]),
+            rec["row"],
+            int(rec["tokens"]),
+            int(rec.get("prompt_tokens", 0)),
+            bool(rec.get("cached", False)),
         )
 
 
 def row_seed(seed: int, index: int) -> int:
     """Sampling seed of row ``index``: a hash of (spec seed, index), so a row's sample
-    does not depend on its batch, its shard or the engine's batch size."""
+    does not depend on its batch, the worker that ran it or the engine's batch size."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: fits every engine's seed
 
@@ -114,66 +128,6 @@ def gen_params(spec: DistillSpec) -> GenParams:
     return GenParams(
         max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p
     )
-
-
-# Rows per engine call when the spec leaves batch_size unset. Plain generate pads a batch
-# to its longest row and carries finished rows along, so it wants small batches of similar
-# length; the other engines batch and refill inside a call: on this CPU the fast engine
-# on 16 rows per call reached 0.62 of its throughput on all 64 (docs/performance.md).
-ENGINE_BATCH = {"hf": 16}
-DEFAULT_ENGINE_BATCH = 256
-
-
-def batch_size_for(spec: DistillSpec, engine_name: str) -> int:
-    return spec.batch_size or ENGINE_BATCH.get(engine_name, DEFAULT_ENGINE_BATCH)
-
-
-def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Positions grouped into batches of similar length, longest first (ties keep
-    input order)."""
-    order = sorted(range(len(lengths)), key=lambda k: (-lengths[k], k))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def distill_pairs(
-    pairs: list[tuple[int, Row]],
-    engine: TeacherEngine,
-    spec: DistillSpec,
-    done: set[int] | frozenset[int] = frozenset(),
-    reporter: Reporter | None = None,
-) -> Iterator[list[Finished]]:
-    """Distil ``(index, row)`` pairs, yielding each batch's finished rows.
-
-    Batches are planned over all pairs; a batch whose rows are all in ``done`` is
-    skipped, and one with any row missing is generated whole (so its rows see the same
-    padding as in an uninterrupted run) and yields only the missing rows. A shard calls
-    this on its slice. ``reporter.check()`` runs before every batch (cancellation).
-    """
-    requests = [build_request(row, spec.template) for _, row in pairs]
-    lengths = [engine.prompt_length(r) for r in requests]
-    params = gen_params(spec)
-    for batch in plan_batches(lengths, batch_size_for(spec, engine.name)):
-        missing = [k for k in batch if pairs[k][0] not in done]
-        if not missing:
-            continue
-        if reporter is not None:
-            reporter.check()
-        seeds = [row_seed(spec.seed, pairs[k][0]) for k in batch]
-        gens = engine.generate([requests[k] for k in batch], params, seeds)
-        finished = []
-        for k, gen in zip(batch, gens, strict=True):
-            index, row = pairs[k]
-            if index in done:
-                continue
-            kept = output_row(row, *judge(row, spec.template, gen), rewrite=gen.text)
-            finished.append(Finished(index, kept, gen.tokens))
-        yield finished
-
-
-def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
-    """``shards`` contiguous ``[lo, hi)`` row ranges covering ``rows`` rows in order,
-    sizes differing by at most one (some are empty when shards > rows)."""
-    return [(k * rows // shards, (k + 1) * rows // shards) for k in range(shards)]
 
 
 def job_header(spec: DistillSpec, dataset_sha256: str, engine_name: str, rows: int) -> dict:
@@ -214,8 +168,7 @@ def read_partial(path: Path, header: dict) -> dict[int, Finished]:
     finished: dict[int, Finished] = {}
     for n, raw in enumerate(lines[1:], start=2):
         try:
-            rec = json.loads(raw)
-            item = Finished(int(rec["index"]), rec["row"], int(rec["tokens"]))
+            item = Finished.from_json(raw)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise DistilleryError(
                 f"{path}:{n}: corrupt line; delete the file to start over"
@@ -262,15 +215,44 @@ def summarise(finished: list[Finished], engine: str, seconds: float, new_tokens:
 
 
 def engine_options(spec: DistillSpec, name: str | None = None) -> dict:
-    """Options of engine ``name`` (default ``spec.engine``) that the spec decides."""
-    name = name or spec.engine
+    """Options of engine ``name`` (default ``spec.engine`` as ``auto`` resolves it) that
+    the spec decides: the hf engine's rows per ``generate`` call, vLLM's dtype (``auto``
+    resolved for this machine, ``factory.pick_dtype``)."""
+    name = name or pick_engine(spec.engine)
     if name == "hf":
-        # The hf engine splits what it is given into sub-batches of its own size; keep it
-        # equal to the spec's so one planned batch is one model.generate call.
-        return {"batch_size": batch_size_for(spec, "hf")}
+        return {"batch_size": spec.batch_size or HF_BATCH}
     if name == "vllm":
-        return {"dtype": spec.dtype}
+        return {"dtype": pick_dtype(spec.dtype)}
     return {}
+
+
+def make_items(
+    job: str, tenant: str, pairs: list[tuple[int, Row]], spec: DistillSpec, interactive: bool
+) -> list[Item]:
+    """The loop's work for ``(index, row)`` pairs of one job: the SDFT request of each row,
+    the spec's sampling, the row's own seed."""
+    params = gen_params(spec)
+    return [
+        Item(
+            key=f"{job}/{index}",
+            job=job,
+            tenant=tenant,
+            index=index,
+            request=build_request(row, spec.template),
+            params=params,
+            seed=row_seed(spec.seed, index),
+            interactive=interactive,
+            meta={"row": row},
+        )
+        for index, row in pairs
+    ]
+
+
+def finish_row(item: Item, gen: Generation, template: str, cached: bool = False) -> Finished:
+    """A generated row judged by the filters (``templates.judge``) into its output line."""
+    row = item.meta["row"]
+    kept = output_row(row, *judge(row, template, gen), rewrite=gen.text)
+    return Finished(item.index, kept, gen.tokens, gen.prompt_tokens, cached)
 
 
 def run_distill(
@@ -278,63 +260,58 @@ def run_distill(
     out: Path,
     reporter: Reporter | None = None,
     engine: TeacherEngine | None = None,
-    engine_for: Callable[[DistillSpec, str], TeacherEngine] | None = None,
 ) -> dict:
-    """Distil ``spec.dataset`` into ``out`` (JSONL) and return the summary.
-
-    ``engine``: an already-loaded teacher. ``engine_for(spec, name)``: where a teacher
-    worker keeps engines loaded between jobs, gives engine ``name`` (``auto`` resolved
-    for this job's row count, ``factory.pick_engine``). With neither, an engine is built
-    from the spec and closed at the end.
-    """
+    """Distil ``spec.dataset`` into ``out`` (JSONL) in this process and return the summary
+    (``distillery distill``; the service runs the same loop in its teacher workers,
+    ``workers/teacher.py``). ``engine``: an already-loaded teacher; without one, an
+    engine is built from the spec and closed at the end."""
     t0 = time.monotonic()
     reporter = reporter or Reporter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = dataset_path(spec.dataset)
     rows = read_dataset(source, limit=spec.limit)
-    lo, hi = 0, len(rows)
-    if isinstance(spec, DistillShardSpec):
-        lo, hi = shard_bounds(len(rows), spec.shards)[spec.shard]
     dataset_sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
-    own_engine = engine is None and engine_for is None
+    own_engine = engine is None
     if engine is None:
-        name = pick_engine(spec.engine, rows=hi - lo, dtype=spec.dtype)
-        if engine_for is not None:
-            engine = engine_for(spec, name)
-        else:
-            engine = make_engine(name, spec.teacher, **engine_options(spec, name))
+        name = pick_engine(spec.engine)
+        engine = make_engine(name, spec.teacher, **engine_options(spec, name))
     try:
         partial = out.with_name(out.name + PARTIAL_SUFFIX)
         header = job_header(spec, dataset_sha256, engine.name, len(rows))
         finished = read_partial(partial, header)
         resumed = len(finished)
         if finished:
-            reporter.event(f"resuming: {len(finished)} of {hi - lo} rows already done")
+            reporter.event(f"resuming: {len(finished)} of {len(rows)} rows already done")
+        # The hf reference engine runs one generate call per step: spec.batch_size rows.
+        loop = EngineLoop(engine, capacity=spec.batch_size if engine.name == "hf" else None)
+        todo = [(i, r) for i, r in enumerate(rows) if i not in finished]
+        loop.add(make_items("local", "local", todo, spec, interactive=False))
         start = time.monotonic()
         new_tokens = 0
         with partial.open("a", encoding="utf-8") as fh:
-            reporter.progress(rows_done=len(finished), rows_total=hi - lo, tokens_per_s=0.0)
-            pairs = list(enumerate(rows))[lo:hi]
-            for batch in distill_pairs(pairs, engine, spec, set(finished), reporter):
+            reporter.progress(rows_done=len(finished), rows_total=len(rows), tokens_per_s=0.0)
+            while not loop.idle:
+                reporter.check()
+                batch = [finish_row(it, gen, spec.template) for it, gen in loop.step()]
+                if not batch:
+                    continue
                 append_finished(fh, batch)
                 finished.update((item.index, item) for item in batch)
                 new_tokens += sum(item.tokens for item in batch)
                 elapsed = time.monotonic() - start
                 reporter.progress(
                     rows_done=len(finished),
-                    rows_total=hi - lo,
+                    rows_total=len(rows),
                     tokens_per_s=round(new_tokens / elapsed, 1) if elapsed > 0 else 0.0,
                 )
-        ordered = [finished[i] for i in range(lo, hi)]
+        ordered = [finished[i] for i in range(len(rows))]
         write_jsonl(out, (item.row for item in ordered))
         partial.unlink()
         summary = summarise(ordered, engine.name, time.monotonic() - start, new_tokens)
         summary.update(
             seconds=round(time.monotonic() - t0, 2), resumed_rows=resumed, new_tokens=new_tokens
         )
-        if isinstance(spec, DistillShardSpec):
-            summary.update(shard=spec.shard, shards=spec.shards, row_range=[lo, hi])
     finally:
         if own_engine:
             engine.close()
@@ -344,46 +321,3 @@ def run_distill(
         f"({summary['tokens_per_s']} tokens/s)"
     )
     return summary
-
-
-def gather_shards(parts: list[Path], summaries: list[dict], out: Path, seconds: float) -> dict:
-    """Concatenate the shards' outputs, in shard order (= input order), into ``out``
-    (atomically) and return the job's summary: counts summed over the shards, speed as
-    the new tokens over ``seconds`` (the job's wall time, first shard to gather), and one
-    entry per shard."""
-    if len(parts) != len(summaries):
-        raise DistilleryError(f"{len(parts)} shard files for {len(summaries)} shard summaries")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as fh:
-        for k, (part, summary) in enumerate(zip(parts, summaries, strict=True)):
-            data = Path(part).read_bytes()
-            lines = data.count(b"\n")
-            if lines != summary["rows"]:
-                raise DistilleryError(
-                    f"shard {k}: {part} holds {lines} rows, its summary says {summary['rows']}"
-                )
-            fh.write(data)
-    tmp.replace(out)
-    rows = sum(s["rows"] for s in summaries)
-    distilled = sum(s["distilled"] for s in summaries)
-    reasons: Counter[str] = Counter()
-    for s in summaries:
-        reasons.update(s["reasons"])
-    new_tokens = sum(s.get("new_tokens", 0) for s in summaries)
-    keep = ("shard", "row_range", "rows", "seconds", "tokens_per_s", "resumed_rows", "worker",
-            "threads")  # fmt: skip
-    return {
-        "rows": rows,
-        "distilled": distilled,
-        "distilled_fraction": round(distilled / rows, 4) if rows else 0.0,
-        "reasons": dict(sorted(reasons.items())),
-        "generated_tokens": sum(s["generated_tokens"] for s in summaries),
-        "new_tokens": new_tokens,
-        "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else 0.0,
-        "seconds": round(seconds, 2),
-        "engine": summaries[0]["engine"] if summaries else "",
-        "resumed_rows": sum(s.get("resumed_rows", 0) for s in summaries),
-        "shards": [{k: s[k] for k in keep if k in s} for s in summaries],
-        "out": str(out),
-    }

@@ -1,8 +1,8 @@
 """Things made on first use and shared between processes: made once, published whole.
 
-The converted builtin model, compiled kernels, store artifacts fetched into a machine's
-cache: several processes (a teacher and a trainer worker starting a pipeline's ``prune``
-and ``distill`` steps at the same moment) may all find one missing at once. Each such
+The converted builtin model, store artifacts fetched into a machine's cache: several
+processes (a teacher and a trainer worker starting a pipeline's ``prune`` and ``distill``
+steps at the same moment) may all find one missing at once. Each such
 thing is made under an inter-process lock (``filelock``; the lock file sits beside the
 target), by the one process holding it, into a temporary sibling that is renamed into
 place when complete. The others wait on the lock, then find it done. A complete target is

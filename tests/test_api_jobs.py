@@ -248,7 +248,7 @@ def test_specs_are_validated_at_submission(api, api_url, redis_conn, tiny_model)
     r = api.post("/v1/jobs", json={"type": "explode", "dataset": ds})
     assert r.status_code == 422
     for kind in ("distill", "pipeline"):  # bf16 only on vllm: never fp32 in its place
-        bad = {"type": kind, "dataset": ds, "engine": "fast", "dtype": "bfloat16"}
+        bad = {"type": kind, "dataset": ds, "engine": "hf", "dtype": "bfloat16"}
         r = api.post("/v1/jobs", json=bad)
         assert r.status_code == 422 and "vllm engine only" in r.text, r.text
     r = api.post("/v1/jobs", json={"type": "distill", "dataset": "/etc/passwd"})

@@ -21,15 +21,13 @@ import pytest
 from service.datasets import DISTILLED_FIELDS, read_dataset
 from service.distill import (
     PARTIAL_SUFFIX,
-    gather_shards,
     read_partial,
     row_seed,
     run_distill,
-    shard_bounds,
 )
-from service.errors import CancelledError, DistilleryError, SpecError
+from service.errors import CancelledError, SpecError
 from service.progress import Reporter
-from service.specs import DistillShardSpec, DistillSpec
+from service.specs import DistillSpec
 from service.teacher.base import GenParams, Request
 from service.teacher.factory import make_engine
 from service.teacher.hf_engine import HFEngine, render_prompt
@@ -172,7 +170,7 @@ import sys, time
 from pathlib import Path
 from service.distill import run_distill
 from service.progress import Reporter
-from service.specs import DistillShardSpec, DistillSpec
+from service.specs import DistillSpec
 
 class StallAfterTwoBatches(Reporter):
     def progress(self, rows_done=0, **fields):
@@ -332,72 +330,12 @@ def test_builtin_teacher_rewrites_alpaca_rows(session_home, alpaca_file, tmp_pat
     assert all(line["response"].strip() for line in got)
 
 
-def test_batches_group_similar_lengths_longest_first():
-    from service.distill import plan_batches
+def test_engine_options_follow_the_spec():
+    from service.distill import engine_options
+    from service.teacher.factory import pick_dtype
 
-    assert plan_batches([3, 9, 1, 9, 5], 2) == [[1, 3], [4, 0], [2]]
-
-
-def test_shard_bounds_cover_the_rows_in_order():
-    for rows, shards in ((11, 4), (3, 5), (0, 2), (1000, 7), (5, 1)):
-        bounds = shard_bounds(rows, shards)
-        assert len(bounds) == shards and bounds[0][0] == 0 and bounds[-1][1] == rows
-        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
-        sizes = [hi - lo for lo, hi in bounds]
-        assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError):
-        DistillShardSpec(dataset="x", shards=2, shard=2)
-
-
-def test_shards_gathered_in_order_equal_one_run(mixed_file, wide_teacher, engine, tmp_path):
-    """Each shard distils its own rows (batches planned within the shard, a partial of
-    its own); concatenated in shard order they are the rows of one uninterrupted run."""
-    spec = spec_for(mixed_file, wide_teacher)
-    whole = tmp_path / "whole.jsonl"
-    one = run_distill(spec, whole, engine=engine)
-    parts, summaries = [], []
-    for k in range(4):
-        shard = DistillShardSpec(**(spec.model_dump() | {"shards": 4, "shard": k}))
-        parts.append(tmp_path / f"shard{k}.jsonl")
-        summaries.append(run_distill(shard, parts[-1], engine=engine))
-        assert not parts[-1].with_name(parts[-1].name + PARTIAL_SUFFIX).exists()
-    assert [s["row_range"] for s in summaries] == [[0, 2], [2, 5], [5, 8], [8, 11]]
-    assert [len(read_lines(p)) for p in parts] == [2, 3, 3, 3]
-    got = gather_shards(parts, summaries, tmp_path / "gathered.jsonl", seconds=2.0)
-    assert read_lines(tmp_path / "gathered.jsonl") == read_lines(whole)
-    for key in ("rows", "distilled", "reasons", "generated_tokens"):
-        assert got[key] == one[key], key
-    assert [s["shard"] for s in got["shards"]] == [0, 1, 2, 3]
-    assert got["tokens_per_s"] == round(sum(s["new_tokens"] for s in summaries) / 2.0, 2)
-
-    # A shard's partial belongs to that shard: another shard of the same job refuses it.
-    import hashlib
-
-    from service.distill import job_header
-
-    sha = hashlib.sha256(mixed_file.read_bytes()).hexdigest()
-    stray = tmp_path / "stray.jsonl"
-    one_header = job_header(
-        DistillShardSpec(**(spec.model_dump() | {"shards": 4, "shard": 1})), sha, "hf", 11
-    )
-    stray.with_name(stray.name + PARTIAL_SUFFIX).write_text(json.dumps(one_header) + "\n")
-    with pytest.raises(SpecError):
-        run_distill(
-            DistillShardSpec(**(spec.model_dump() | {"shards": 4, "shard": 2})),
-            stray,
-            engine=engine,
-        )
-    # A shard file that does not hold the rows its summary counts is refused.
-    with pytest.raises(DistilleryError):
-        gather_shards(parts[:2], summaries[1:3], tmp_path / "bad.jsonl", seconds=1.0)
-
-
-def test_batch_size_follows_the_engine_unless_set():
-    from service.distill import batch_size_for, engine_options
-
-    unset = DistillSpec(dataset="x")
-    assert batch_size_for(unset, "hf") == 16
-    assert batch_size_for(unset, "fast") == batch_size_for(unset, "vllm") == 256
-    assert batch_size_for(DistillSpec(dataset="x", batch_size=8), "fast") == 8
     assert engine_options(DistillSpec(dataset="x", engine="hf")) == {"batch_size": 16}
-    assert engine_options(DistillSpec(dataset="x", engine="fast")) == {}
+    assert engine_options(DistillSpec(dataset="x", engine="hf", batch_size=3)) == {"batch_size": 3}
+    # fast is deprecated: it runs on vLLM, with auto's dtype for this machine.
+    assert engine_options(DistillSpec(dataset="x", engine="fast")) == {"dtype": pick_dtype("auto")}
+    assert engine_options(DistillSpec(dataset="x", dtype="float32")) == {"dtype": "float32"}

@@ -8,10 +8,8 @@ the record: succeeded (metrics, artifact ids), cancelled, or failed (code, messa
 where, error id). Within a pipeline, a failed or cancelled step fails or cancels the pipeline and
 its remaining steps; the last step (``report``) builds the summary table.
 
-A sharded distill job (``workers/shards.py``) is a parent too: its shards
-(``distill_shard``) run here like any distill job, and the job's own run is the gather
-step. Settling a parent settles its parent in turn (a sharded distill step of a
-pipeline) and its children's children (that step's shards).
+Distill jobs do not run here: the teacher loop runs them (``workers/teacher.py``) and
+uses :func:`end` and :func:`error_doc` to settle their records the same way.
 """
 
 from __future__ import annotations
@@ -29,15 +27,14 @@ import redis
 from service.errors import CancelledError, DistilleryError
 from service.redact import redact, redact_text
 from service.settings import get_settings
-from service.specs import JOB_SPECS, DistillShardSpec
+from service.specs import JOB_SPECS
 from service.store import ArtifactStore
-from workers import records, shards
+from workers import records
 from workers.outputs import artifact_id_for, register_outputs, resolve_job_refs, work_dir
 from workers.reporter import RecordReporter
 
 log = logging.getLogger(__name__)
-SPECS = {**JOB_SPECS, shards.SHARD_TYPE: DistillShardSpec}
-TEACHER_TYPES = ("distill", shards.SHARD_TYPE)
+SPECS = dict(JOB_SPECS)
 
 
 class StepFailed(Exception):
@@ -75,18 +72,12 @@ def new_error_id() -> str:
     return f"err_{uuid.uuid4().hex[:16]}"
 
 
-def run_step(
-    job_type: str, spec: Any, work: Path, reporter: RecordReporter, engine_for=None
-) -> dict:
+def run_step(job_type: str, spec: Any, work: Path, reporter: RecordReporter) -> dict:
     """Call the service's run function for ``job_type``; outputs go under ``work``."""
     if job_type == "prune":
         from service.prune import run_prune
 
         return run_prune(spec, work / "model", reporter)
-    if job_type in TEACHER_TYPES:
-        from service.distill import run_distill
-
-        return run_distill(spec, work / "rows.jsonl", reporter, engine_for=engine_for)
     if job_type == "finetune":
         from service.finetune import run_finetune
 
@@ -108,19 +99,7 @@ def start(conn: redis.Redis, job: dict) -> bool:
     attempts = job["attempts"] + 1
     data = {"attempt": attempts}
     now = time.time()
-    if job["children"] and job["type"] != "pipeline":
-        # A sharded job's gather step: the job has been running since its first shard (or
-        # is queued again: RQ requeued a gather whose worker died).
-        status = records.status(conn, job["id"])
-        if status not in ("queued", "running"):
-            return False
-        if status == "queued" and not records.transition(
-            conn, job["id"], ("queued",), "running", data=data
-        ):
-            return False
-        records.update(conn, job["id"], attempts=attempts)
-        records.add_event(conn, job["id"], f"gathering {len(job['children'])} shards", data=data)
-    elif not records.transition(
+    if not records.transition(
         conn,
         job["id"],
         ("queued", "running"),
@@ -138,31 +117,12 @@ def start(conn: redis.Redis, job: dict) -> bool:
     if pipeline:  # the pipeline's own stream follows its steps
         records.add_event(conn, pipeline, f"{job['step']}: running",
                           data={**data, "pipeline_step": job["step"], "job_id": job["id"]})  # fmt: skip
-    parent = job["parent"]
-    while parent:  # a shard of a pipeline's distill step starts both
-        records.transition(conn, parent, ("queued",), "running", started_at=now)
-        parent = (records.get(conn, parent) or {}).get("parent")
-    if job["type"] == shards.SHARD_TYPE:
-        worker = _worker_name()
-        records.update(conn, job["id"], worker=worker or "")
-        records.add_event(
-            conn, job["parent"], f"{job['step']} running on {worker} (attempt {attempts})",
-            data={"shard": job["id"], "worker": worker, "attempt": attempts},
-        )  # fmt: skip
+        records.transition(conn, pipeline, ("queued",), "running", started_at=now)
     return True
 
 
-def _worker_name() -> str | None:
-    """The RQ worker running the current job (None outside a worker)."""
-    from rq import get_current_job
-
-    rq_job = get_current_job()
-    return rq_job.worker_name if rq_job is not None else None
-
-
-def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | None = None) -> str:
-    """Run job ``job_id``; return its final status. ``engine_for(spec, name)`` gives the teacher
-    worker's cached engine for a distill job."""
+def execute(conn: redis.Redis, job_id: str, timeout: float | None = None) -> str:
+    """Run job ``job_id``; return its final status."""
     job = records.get(conn, job_id)
     if job is None:
         raise DistilleryError(f"no job record {job_id}")
@@ -180,34 +140,16 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
     store = ArtifactStore.from_settings(settings)
     timeout = timeout if timeout is not None else settings.job_timeout
     deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
-    is_shard = job["type"] == shards.SHARD_TYPE
-    is_gather = job["type"] == "distill" and bool(job["children"])
-    if is_shard:
-        reporter: RecordReporter = shards.ShardReporter(conn, job, deadline=deadline)
-    else:
-        pipeline = _pipeline_of(conn, job)
-        reporter = RecordReporter(conn, job_id, deadline=deadline, forward_to=pipeline,
-                                  step=job["step"] or job["type"])  # fmt: skip
+    pipeline = _pipeline_of(conn, job)
+    reporter = RecordReporter(conn, job_id, deadline=deadline, forward_to=pipeline,
+                              step=job["step"] or job["type"])  # fmt: skip
     try:
         raw = resolve_job_refs(conn, job["tenant"], job["spec"])
         spec = SPECS[job["type"]].model_validate(raw)
         work = work_dir(settings.home_dir(), job_id)
-        if is_gather:
-            result = shards.gather(conn, job, settings.home_dir(), work)
-            reporter.progress(rows_done=result["rows"], rows_total=result["rows"],
-                              shards=len(job["children"]), shards_done=len(job["children"]))  # fmt: skip
-        else:
-            result = run_step(job["type"], spec, work, reporter, engine_for=engine_for)
+        result = run_step(job["type"], spec, work, reporter)
         reporter.flush()
-        if job["type"] in TEACHER_TYPES and not is_gather:
-            import torch
-
-            result["threads"] = torch.get_num_threads()
-        if is_shard:  # its rows stay in its work folder until the gather step
-            result["worker"] = _worker_name()
-            artifacts: dict = {}
-        else:
-            artifacts = register_outputs(store, job, spec.model_dump(mode="json"), work, result)
+        artifacts = register_outputs(store, job, spec.model_dump(mode="json"), work, result)
     except CancelledError:
         reporter.flush()
         end(conn, job, "cancelled")
@@ -222,18 +164,12 @@ def execute(conn: redis.Redis, job_id: str, engine_for=None, timeout: float | No
         end(conn, job, "failed", error=error_doc(exc, job["type"]))
         raise StepFailed(str(exc)) from exc
     end(conn, job, "succeeded", metrics=result, artifacts=artifacts)
-    if is_shard:
-        shards.sum_progress(conn, job["parent"], reporter.shard_ids)  # counts it as done
-        records.add_event(conn, job["parent"], f"{job['step']} succeeded on {result['worker']}",
-                          data={"shard": job_id, "worker": result["worker"]})  # fmt: skip
-    if is_gather:
-        shards.remove_shard_outputs(settings.home_dir(), job)
     return "succeeded"
 
 
 def _pipeline_of(conn: redis.Redis, job: dict) -> str | None:
-    """The pipeline a step belongs to (None for a job of its own or a shard)."""
-    if not job["parent"] or job["type"] == shards.SHARD_TYPE:
+    """The pipeline a step belongs to (None for a job of its own)."""
+    if not job["parent"]:
         return None
     return job["parent"] if records.get_type(conn, job["parent"]) == "pipeline" else None
 
@@ -264,7 +200,7 @@ def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
         finished_at=time.time(),
         **fields,
     )
-    if moved and job["parent"] and job["type"] != shards.SHARD_TYPE:
+    if moved and job["parent"]:
         records.add_event(conn, job["parent"], f"{job['step']}: {status}",
                           level="info" if status == "succeeded" else "warning",
                           data={"pipeline_step": job["step"], "job_id": job["id"]})  # fmt: skip

@@ -1,8 +1,7 @@
 """RQ job functions. Thin: take a job id, its type and spec dict, run it, report through
-the job record. Both queues' workers are SimpleWorkers (``workers/worker.py``):
+the job record. Distillation is not an RQ job function: teacher workers run it in their
+engine loop (``workers/teacher.py``).
 
-- ``teacher_job`` runs distillation in the worker process, with the worker's cached
-  engine, so a model is loaded once per worker rather than once per job;
 - ``train_job`` runs prune, finetune, evaluate and merge in a child process
   (``python -m workers.child <job id>``) and watches it: a crash (even a segfault or the
   OOM killer) fails the job, not the worker, and a cancel that the child does not honour
@@ -21,55 +20,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections import OrderedDict
-from typing import Any
 
 import redis
 from rq import get_current_job
 
-from service.models import apply_threads
 from service.settings import get_settings
 from workers import records
 from workers.execute import SPECS, StepFailed, end, execute
 
 log = logging.getLogger("distillery.worker")
-
-# The teacher worker's loaded engines, kept between jobs ON PURPOSE: this is the one
-# piece of global state in workers/. Loading the teacher per job is what the teacher
-# queue exists to avoid. SimpleWorker runs jobs in this process, so the cache lives as
-# long as the worker. Keyed by (engine name, teacher reference, options); at most MAX_ENGINES are
-# held (each is a whole model), the least recently used is closed first.
-_ENGINES: OrderedDict[tuple, Any] = OrderedDict()
-MAX_ENGINES = 1
-
-
-def cached_engine(spec, name: str | None = None) -> Any:
-    """The loaded engine ``name`` (default ``spec.engine``) for ``spec``'s teacher, built
-    on first use. A job with ``engine: auto`` takes whichever of auto's engines is already
-    loaded for its teacher: swapping engines by job size would reload a model per job."""
-    from service.distill import engine_options
-    from service.teacher import make_engine
-
-    name = name or spec.engine
-    options = engine_options(spec, name)
-    key = (name, spec.teacher, tuple(sorted(options.items())))
-    if key not in _ENGINES and spec.engine == "auto":
-        for held in reversed(_ENGINES):
-            same_options = tuple(sorted(engine_options(spec, held[0]).items())) == held[2]
-            if held[0] in ("fast", "vllm") and held[1] == spec.teacher and same_options:
-                key = held
-                break
-    if key in _ENGINES:
-        _ENGINES.move_to_end(key)
-        return _ENGINES[key]
-    while len(_ENGINES) >= MAX_ENGINES:
-        _, old = _ENGINES.popitem(last=False)
-        old.close()
-    t0 = time.monotonic()
-    engine = make_engine(name, spec.teacher, **options)
-    log.info("loaded teacher %s (%s) in %.1fs", spec.teacher, name, time.monotonic() - t0)
-    _ENGINES[key] = engine
-    return engine
 
 
 def _connection() -> redis.Redis:
@@ -92,18 +51,6 @@ def teacher_workers_here(conn: redis.Redis) -> int:
     host = socket.gethostname()
     workers = Worker.all(queue=Queue("teacher", connection=conn))
     return max(1, sum(1 for w in workers if w.hostname == host))
-
-
-def teacher_job(job_id: str, job_type: str, spec: dict) -> str:
-    SPECS[job_type].model_validate(spec)  # validated at the API, and again here
-    conn = _connection()
-    # The teacher workers of one host share its cores (unless DISTILLERY_THREADS says).
-    apply_threads(share=teacher_workers_here(conn))
-    try:
-        return execute(conn, job_id, engine_for=cached_engine)
-    except StepFailed:
-        _no_retry()
-        raise
 
 
 def train_job(job_id: str, job_type: str, spec: dict) -> str:

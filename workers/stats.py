@@ -11,8 +11,8 @@ record (``workers/records.py``), and the API reads them at scrape time.
 - ``distillery:stats:durations``: hash of a histogram per ``<type>|<status>``:
   ``<type>|<status>|<upper bound>`` (per-bucket counts, not cumulative; their total is
   the count) and ``...|sum``, written when a job that had started finishes.
-- ``distillery:stats:generated``: hash ``rows``, ``tokens``: what succeeded distill
-  jobs wrote (their result's ``rows`` and ``generated_tokens``).
+- ``distillery:stats:generated``: hash ``rows``, ``tokens``, ``prompt_tokens``,
+  ``cached_rows``: what succeeded distill jobs wrote (from their result's usage).
 
 Counting starts with the records written by this code; records older than it are not
 in the counts.
@@ -57,4 +57,6 @@ def job_finished(conn: redis.Redis, key: str, status: str) -> None:
         result = json.loads(metrics) or {}
         p.hincrby(GENERATED_KEY, "rows", int(result.get("rows") or 0))
         p.hincrby(GENERATED_KEY, "tokens", int(result.get("generated_tokens") or 0))
+        p.hincrby(GENERATED_KEY, "prompt_tokens", int(result.get("prompt_tokens") or 0))
+        p.hincrby(GENERATED_KEY, "cached_rows", int(result.get("cached_rows") or 0))
     p.execute()

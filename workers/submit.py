@@ -11,13 +11,10 @@ caller and one child record (and RQ job) per step, chained by RQ dependencies::
 A step names the products of earlier steps by their job ids (``"model": "job_..."``);
 ``workers.outputs.resolve_job_refs`` turns them into artifact ids when the step starts.
 
-A large distill job, alone or as a pipeline's step, is split into shards on the
-``teacher`` queue, and its own RQ job, depending on them all, gathers their rows
-(``workers/shards.py``)::
-
-    shard 1/N ─┐
-    ...        ├▶ distill (gather) ─▶ (finetune ...)
-    shard N/N ─┘
+A distill job, alone or as a pipeline's step, is registered with the teacher tier as
+units of rows that any teacher worker claims (``workers/units.py``, ``workers/teacher.py``);
+its RQ job is created but never queued, and the worker that finishes the job marks it
+finished, so RQ enqueues the steps that depend on it.
 
 RQ jobs are enqueued with ``job_timeout=-1`` (the job enforces DISTILLERY_JOB_TIMEOUT
 itself: a teacher job must not be killed mid-batch, or its worker would lose its loaded
@@ -42,7 +39,7 @@ from service.errors import DistilleryError
 from service.pipeline import step_specs
 from service.specs import DistillSpec, PipelineSpec, Spec
 from service.store import ArtifactStore
-from workers import records, shards
+from workers import records, units
 from workers.outputs import check_refs
 
 QUEUES = ("teacher", "train")
@@ -53,10 +50,9 @@ QUEUE_OF = {
     "evaluate": "train",
     "merge": "train",
     "report": "train",
-    shards.SHARD_TYPE: "teacher",
 }
-INTERNAL_TYPES = ("report", shards.SHARD_TYPE)  # made by the service, never submitted
-FUNC_OF = {"teacher": "workers.jobs.teacher_job", "train": "workers.jobs.train_job"}
+INTERNAL_TYPES = ("report",)  # made by the service, never submitted
+FUNC_OF = {"teacher": "workers.teacher.placeholder", "train": "workers.jobs.train_job"}
 RETRIES = 2
 IDEMPOTENCY_TTL = 24 * 3600  # seconds a key is remembered (Stripe keeps them 24 h)
 
@@ -69,6 +65,19 @@ def enqueue(
     conn: redis.Redis, job_id: str, job_type: str, spec: dict, depends_on: list[str] | None = None
 ) -> None:
     queue = QUEUE_OF[job_type]
+    if queue == "teacher":  # created, never queued: the teacher loop runs it
+        job = Queue(queue, connection=conn).create_job(
+            FUNC_OF[queue],
+            args=(job_id,),
+            job_id=job_id,
+            timeout=-1,
+            status=JobStatus.CREATED,
+            result_ttl=7 * 24 * 3600,
+            failure_ttl=7 * 24 * 3600,
+            description=f"{job_type} {job_id}",
+        )
+        job.save()
+        return
     Queue(queue, connection=conn).enqueue_call(
         func=FUNC_OF[queue],
         args=(job_id, job_type, spec),
@@ -100,25 +109,18 @@ def submit(
         return submit_pipeline(conn, tenant, spec, job_id=job_id, store=store)
     if job_type not in QUEUE_OF or job_type in INTERNAL_TYPES:
         raise DistilleryError(f"unknown job type {job_type!r}")
-    n, rows = shards.shard_count(store, spec) if isinstance(spec, DistillSpec) else (1, None)
     pipe = conn.pipeline()
     rec = records.create(pipe, tenant=tenant, type=job_type, spec=doc, queue=QUEUE_OF[job_type],
                          job_id=job_id, pipe=pipe)  # fmt: skip
-    planned = shards.create_shards(pipe, tenant, rec["id"], doc, n, rows) if n > 1 else []
+    if isinstance(spec, DistillSpec):
+        register_distill(conn, pipe, store, tenant, rec["id"], spec)
     pipe.execute()
     try:
-        for sid, sdoc in planned:
-            enqueue(conn, sid, shards.SHARD_TYPE, sdoc)
-        enqueue(conn, rec["id"], job_type, doc, depends_on=[sid for sid, _ in planned])
+        enqueue(conn, rec["id"], job_type, doc)
     except Exception as exc:
         error = {"code": "enqueue", "message": str(exc), "where": "submit"}
-        if planned:
-            from workers.execute import stop_pipeline
-
-            stop_pipeline(conn, rec["id"], "failed", error)
-        else:
-            records.transition(conn, rec["id"], ("queued",), "failed", finished_at=time.time(),
-                               error=error)  # fmt: skip
+        records.transition(conn, rec["id"], ("queued",), "failed", finished_at=time.time(),
+                           error=error)  # fmt: skip
         raise
     return records.get(conn, rec["id"]) or rec
 
@@ -175,18 +177,11 @@ def submit_pipeline(
     for step, job_type, doc, _ in plan:
         records.create(pipe, tenant=tenant, type=job_type, spec=doc, queue=QUEUE_OF[job_type],
                        parent=pid, step=step, job_id=ids[step], pipe=pipe)  # fmt: skip
-    n, rows = shards.shard_count(store, steps["distill"])
-    planned = (
-        shards.create_shards(pipe, tenant, ids["distill"], plan[1][2], n, rows) if n > 1 else []
-    )
+    register_distill(conn, pipe, store, tenant, ids["distill"], steps["distill"])
     pipe.execute()
     records.update(conn, pid, children=[ids[step] for step, *_ in plan])
     try:
-        for sid, sdoc in planned:
-            enqueue(conn, sid, shards.SHARD_TYPE, sdoc)
         for step, job_type, doc, deps in plan:
-            if step == "distill":
-                deps = [sid for sid, _ in planned]
             enqueue(conn, ids[step], job_type, doc, depends_on=deps)
     except Exception as exc:
         from workers.execute import stop_pipeline
@@ -196,6 +191,69 @@ def submit_pipeline(
         )
         raise
     return records.get(conn, pid) or parent
+
+
+def distill_rows(store: ArtifactStore | None, spec: DistillSpec) -> int:
+    """Rows a distill job will rewrite: from its dataset's manifest, else by reading it."""
+    from service.datasets import dataset_path, read_dataset
+    from service.store import NotFound, is_artifact_id
+
+    rows = None
+    if store is not None and is_artifact_id(spec.dataset) and spec.dataset.startswith("ds_"):
+        try:
+            rows = store.manifest("dataset", spec.dataset).get("rows")
+        except NotFound:
+            rows = None
+    if rows is None:
+        rows = len(read_dataset(dataset_path(spec.dataset), limit=spec.limit))
+    return min(int(rows), spec.limit) if spec.limit is not None else int(rows)
+
+
+def interactive_key(tenant: str) -> str:
+    return f"{units.P}:interactive:{tenant}"
+
+
+def admit_interactive(conn: redis.Redis, tenant: str, job_id: str, rows: int) -> bool:
+    """Whether a job asking for interactive priority gets it: at most
+    DISTILLERY_INTERACTIVE_MAX_ROWS rows, and the tenant's unfinished interactive rows
+    within DISTILLERY_INTERACTIVE_TENANT_ROWS (a 100,000-row request is bulk work)."""
+    from service.settings import get_settings
+
+    settings = get_settings()
+    if rows > settings.interactive_max_rows:
+        return False
+    key = interactive_key(tenant)
+    held = 0
+    for member, score in conn.zrange(key, 0, -1, withscores=True):
+        other = member.decode()
+        if records.status(conn, other) in (None, *records.TERMINAL):
+            conn.zrem(key, other)
+        else:
+            held += int(score)
+    if held + rows > settings.interactive_tenant_rows:
+        return False
+    conn.zadd(key, {job_id: rows})
+    return True
+
+
+def register_distill(
+    conn: redis.Redis,
+    pipe: redis.client.Pipeline,
+    store: ArtifactStore | None,
+    tenant: str,
+    job_id: str,
+    spec: DistillSpec,
+) -> None:
+    """Make a distill job's rows claimable by the teacher tier (in ``pipe``)."""
+    from service.settings import get_settings
+
+    rows = distill_rows(store, spec)
+    interactive = spec.priority == "interactive" and admit_interactive(conn, tenant, job_id, rows)
+    if spec.priority == "interactive" and not interactive:
+        records.add_event(conn, job_id, f"{rows} rows: above the interactive caps, runs as bulk")
+    key = units.engine_key(spec.engine, spec.teacher, spec.dtype)
+    units.register(pipe, job_id, tenant, rows, get_settings().unit_rows, interactive, key)
+    pipe.hset(records.job_key(job_id), "progress", json.dumps({"rows_done": 0, "rows_total": rows}))
 
 
 def body_hash(job_type: str, spec: Spec) -> str:
@@ -243,12 +301,12 @@ def cancel(conn: redis.Redis, job: dict) -> dict:
     if job["status"] in records.TERMINAL:
         raise Conflict(f"job {job_id} already {job['status']}", {"status": job["status"]})
     records.request_cancel(conn, job_id)
-    if job["type"] == "pipeline" or job["children"]:  # a pipeline, or a sharded job
+    if job["type"] == "pipeline":
         stop_pipeline(conn, job_id, "cancelled", None)
     elif records.transition(conn, job_id, ("queued",), "cancelled", finished_at=time.time()):
         cancel_rq_job(conn, job_id)
         if job["parent"]:
             stop_pipeline(conn, job["parent"], "cancelled", None)
     else:
-        records.add_event(conn, job_id, "cancel requested; stopping at the next batch")
+        records.add_event(conn, job_id, "cancel requested; stopping at the next step")
     return records.get(conn, job_id) or job

@@ -4,10 +4,10 @@
     distillery worker --queues train            # prune, finetune, evaluate, merge
     python -m workers.worker --queues teacher --url redis://127.0.0.1:6379/0
 
-Both are RQ SimpleWorkers: no fork per job. The teacher worker must keep its loaded
-engine between jobs (a fork would load it in a throwaway process every time, and a
-forked process must not inherit a CUDA context); the trainer worker runs each job in a
-fresh child process of its own (``workers.jobs.train_job``), so it needs no fork either.
+The teacher worker is not an RQ worker: it runs one engine loop over the rows of every
+distill job it holds (``workers/teacher.py``), keeping its engine loaded. The trainer
+worker is an RQ SimpleWorker: no fork per job, because it runs each job in a fresh child
+process of its own (``workers.jobs.train_job``).
 
 A SimpleWorker runs the job in its main thread and so cannot send heartbeats while a
 long job runs; :class:`DistilleryWorker` sends them from a side thread. The heartbeats
@@ -112,6 +112,14 @@ def run(args: argparse.Namespace) -> int:
     os.environ["REDIS_URL"] = url  # child processes of train jobs connect to the same Redis
     logs.configure()  # DISTILLERY_LOG_FORMAT=json: one JSON object per line
     conn = redis.Redis.from_url(url)
+    if "teacher" in args.queues:
+        if len(args.queues) > 1:
+            print("error: a teacher worker serves the teacher queue alone", file=sys.stderr)
+            return 2
+        from workers.teacher import run as run_teacher
+
+        run_teacher(conn, name=args.name, burst=args.burst)
+        return 0
     worker = DistilleryWorker(
         args.queues,
         name=args.name,

@@ -1,5 +1,7 @@
 """POST /v1/distill: rows in, distilled rows back when done within ``?wait=`` seconds,
 else 202 with the job (follow it at /v1/jobs/{id}; its rows at /v1/jobs/{id}/result).
+With ``wait`` > 0 the job is interactive (its rows are admitted before bulk work) unless
+the body says ``priority`` or the request is above the interactive caps.
 
     curl -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\
          -d '{"rows": [{"instruction": "Name a colour.", "output": "Red."}]}' \\
@@ -47,6 +49,8 @@ async def distill_rows(
     await run_in_threadpool(check_capacity, conn, tenant)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in body.rows).encode()
     manifest = await run_in_threadpool(save_dataset, store, tenant, data, "distill-request.jsonl")
+    if wait > 0 and "priority" not in body.model_fields_set:
+        options["priority"] = "interactive"  # a caller waits on it: first, within the caps
     spec = DistillSpec(dataset=manifest["id"], **options)
     rec = await run_in_threadpool(submit, conn, store, tenant, "distill", spec)
     deadline = time.monotonic() + wait

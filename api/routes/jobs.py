@@ -164,8 +164,30 @@ def cancel_job(job_id: str, tenant: TenantDep, conn: RedisDep) -> JobPublic:
     summary="A finished job's output: JSONL rows (distill) or JSON",
     responses={200: {"content": {"application/x-ndjson": {}, "application/json": {}}}},
 )
-def get_result(job_id: str, tenant: TenantDep, conn: RedisDep, store: StoreDep) -> Response:
+def get_result(
+    job_id: str,
+    tenant: TenantDep,
+    conn: RedisDep,
+    store: StoreDep,
+    partial: Annotated[
+        bool,
+        Query(
+            description="distill: while the job runs, the rows finished so far (JSONL, in "
+            "input order, each with its input position in `index`)."
+        ),
+    ] = False,
+) -> Response:
     rec = load_job(conn, job_id, tenant)
+    if partial and rec["type"] == "distill" and rec["status"] in ("queued", "running"):
+        from service.distill import Finished
+        from workers import units
+
+        lines = units.read_rows(conn, job_id)
+        body = "".join(
+            json.dumps({"index": i, **Finished.from_json(lines[i]).row}, ensure_ascii=False) + "\n"
+            for i in sorted(lines)
+        )
+        return Response(body, media_type="application/x-ndjson")
     if rec["status"] != "succeeded":
         raise NotFinished(f"job {job_id} is {rec['status']}", {"status": rec["status"]})
     if rec["type"] == "distill":

@@ -8,7 +8,15 @@ math template pre-fills "Great! Let's think step by step. "); the completion exc
 Engines are long-lived: a teacher worker builds one and keeps it loaded between jobs.
 ``generate`` returns results in input order. Greedy decoding (temperature 0) must be
 deterministic; sampling uses ``seeds[i]`` for request ``i`` so a row's rewrite does not
-depend on which batch or shard it landed in.
+depend on which batch it landed in.
+
+Stepping (what the teacher loop drives, ``service/teacher/loop.py``): ``start(key,
+request, params, seed, priority)`` adds one request to the running batch, ``step()``
+runs one engine step and returns the requests that finished in it, ``abort(keys)`` drops
+requests. vLLM does this natively (continuous batching: requests join and leave the
+batch at every step). The default here, for the reference ``hf`` engine and the remote
+``openai`` one, runs every started request in one ``generate`` call per step: the same
+loop drives them, without continuous batching.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ def render_prompt(tokenizer, request: Request) -> list[int]:
 
 class TeacherEngine(ABC):
     name: str = "base"
+    _started: dict[str, tuple[Request, GenParams, int | None]]
 
     @abstractmethod
     def generate(
@@ -67,11 +76,45 @@ class TeacherEngine(ABC):
         """Length of a request's prompt, used to sort work into batches that pad little.
 
         Tokens where the engine holds a ``tokenizer`` (the same tokens every engine sees,
-        ``hf_engine.render_prompt``), else characters (a proxy for remote engines)."""
+        :func:`render_prompt`), else characters (a proxy for remote engines)."""
         tokenizer = getattr(self, "tokenizer", None)
         if tokenizer is not None:
             return len(render_prompt(tokenizer, request))
         return sum(len(c) for _, c in request.messages) + len(request.prefill)
+
+    # -- stepping (a default over ``generate``; VLLMEngine overrides it) -----------------
+
+    def start(
+        self,
+        key: str,
+        request: Request,
+        params: GenParams,
+        seed: int | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Add request ``key`` to the running batch (lower ``priority`` runs earlier)."""
+        if not hasattr(self, "_started"):
+            self._started = {}
+        self._started[key] = (request, params, seed)
+
+    def step(self) -> list[tuple[str, Generation]]:
+        """One engine step; the requests that finished in it. Here: all started requests
+        in ``generate`` calls, one per distinct ``GenParams``."""
+        started, self._started = getattr(self, "_started", {}), {}
+        by_params: dict[GenParams, list[str]] = {}
+        for key, (_, params, _) in started.items():
+            by_params.setdefault(params, []).append(key)
+        out = []
+        for params, keys in by_params.items():
+            seeds = [started[k][2] or 0 for k in keys]
+            gens = self.generate([started[k][0] for k in keys], params, seeds)
+            out.extend(zip(keys, gens, strict=True))
+        return out
+
+    def abort(self, keys: list[str]) -> None:
+        """Drop started requests (unknown keys are ignored)."""
+        for key in keys:
+            getattr(self, "_started", {}).pop(key, None)
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op for most engines
         """Free what the engine holds (a vLLM engine is freed by ending its process)."""

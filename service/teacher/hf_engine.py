@@ -101,6 +101,7 @@ class HFEngine(TeacherEngine):
         self.model, self.tokenizer = load_model(model_ref, device=device, dtype=dtype)
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
+        self.capacity = batch_size  # rows the teacher loop hands one step (one generate)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = (
             self.tokenizer.pad_token_id

@@ -62,6 +62,7 @@ class OpenAIEngine(TeacherEngine):
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.concurrency = max(1, int(concurrency))
+        self.capacity = self.concurrency  # rows the teacher loop hands one step
         self.retries = max(0, int(retries))
         self.timeout = timeout
         self.backoff = backoff

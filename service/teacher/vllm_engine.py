@@ -147,7 +147,17 @@ class VLLMEngine(TeacherEngine):
             enforce_eager = (
                 cpu if settings.vllm_enforce_eager is None else settings.vllm_enforce_eager
             )
-        kwargs: dict = {"model": path, "dtype": dtype, "seed": seed, "enforce_eager": enforce_eager}
+        kwargs: dict = {
+            "model": path,
+            "dtype": dtype,
+            "seed": seed,
+            "enforce_eager": enforce_eager,
+            # The teacher loop gives interactive rows priority 0 and bulk rows 1; vLLM
+            # then schedules waiting requests by (priority, arrival). It does not preempt
+            # a running request to admit a waiting one (vLLM #40004): the loop's
+            # admission keeps room for that itself (service/teacher/loop.py).
+            "scheduling_policy": "priority",
+        }
         if not cpu:
             kwargs["tensor_parallel_size"] = int(tensor_parallel_size)
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
@@ -171,6 +181,9 @@ class VLLMEngine(TeacherEngine):
             torch.set_num_threads = set_num_threads
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_ids = stop_token_ids(path, self.tokenizer)
+        self._prompt_tokens: dict[str, int] = {}  # started requests' prompt lengths
+        # Rows the loop keeps in the engine at once: vLLM's own batch limit.
+        self.capacity = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
     def sampling_params(self, params: GenParams, seed: int | None):
         from vllm import SamplingParams
@@ -214,6 +227,58 @@ class VLLMEngine(TeacherEngine):
                 )
             )
         return results
+
+    # -- stepping: vLLM's own continuous batching (LLMEngine.add_request / step) --------
+
+    def start(
+        self,
+        key: str,
+        request: Request,
+        params: GenParams,
+        seed: int | None = None,
+        priority: int = 0,
+    ) -> None:
+        from vllm import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = render_prompt(self.tokenizer, request)
+        sampling = self.sampling_params(params, seed)
+        # Only the finished output comes back from step(), as LLM.generate asks for it.
+        sampling.output_kind = RequestOutputKind.FINAL_ONLY
+        self.llm.llm_engine.add_request(
+            key, TokensPrompt(prompt_token_ids=ids), sampling, priority=priority
+        )
+        self._prompt_tokens[key] = len(ids)
+
+    def step(self) -> list[tuple[str, Generation]]:
+        engine = self.llm.llm_engine
+        if not engine.has_unfinished_requests():
+            return []
+        done = []
+        for out in engine.step():
+            if not out.finished:
+                continue
+            c = out.outputs[0]
+            done.append(
+                (
+                    out.request_id,
+                    Generation(
+                        text=c.text,
+                        tokens=len(c.token_ids),
+                        prompt_tokens=self._prompt_tokens.pop(out.request_id, 0),
+                        finish_reason="length" if c.finish_reason == "length" else "stop",
+                        extra={"token_ids": list(c.token_ids)},
+                    ),
+                )
+            )
+        return done
+
+    def abort(self, keys: list[str]) -> None:
+        keys = [k for k in keys if k in self._prompt_tokens]
+        if keys:
+            self.llm.llm_engine.abort_request(keys)
+            for k in keys:
+                self._prompt_tokens.pop(k, None)
 
     def acceptance(self) -> dict:
         """Speculative-decoding counters so far: drafts, drafted and accepted tokens, the

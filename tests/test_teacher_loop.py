@@ -1,0 +1,179 @@
+"""The teacher loop's admission (``service/teacher/loop.py``) and the units of work in
+Redis (``workers/units.py``), without worker processes.
+
+    .venv/bin/python -m pytest -q tests/test_teacher_loop.py
+
+The loop runs on the real hf engine of the tiny test model (its default stepping: one
+``generate`` per step), so what is admitted when is read off the loop itself; the units
+run against the session's real Redis.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.specs import DistillSpec
+from service.teacher.base import GenParams, Request
+from service.teacher.loop import EngineLoop, Item
+from workers import units
+
+pytest_plugins = ["tests.redis_fixture"]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama):
+    from service.teacher.hf_engine import HFEngine
+
+    return HFEngine(str(tiny_llama), device="cpu", batch_size=16)
+
+
+def items(job: str, tenant: str, n: int, interactive: bool = False) -> list[Item]:
+    req = Request((("user", f"Say something, {job}."),))
+    return [
+        Item(f"{job}/{i}", job, tenant, i, req, GenParams(max_new_tokens=4), None, interactive)
+        for i in range(n)
+    ]
+
+
+def running(loop: EngineLoop) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for _, it in loop.running.values():
+        out[it.job] = out.get(it.job, 0) + 1
+    return out
+
+
+def test_bulk_room_goes_round_robin_by_tenant_then_job(hf):
+    loop = EngineLoop(hf, capacity=6)
+    loop.add(items("a", "t1", 10) + items("b", "t1", 10) + items("c", "t2", 10))
+    loop.admit()
+    got = running(loop)
+    assert got["c"] == 3 and got["a"] + got["b"] == 3  # the tenants halve the room
+    assert abs(got["a"] - got["b"]) <= 1  # and t1's jobs share its half
+    done = loop.step()  # hf: every started row finishes in its step
+    assert len(done) == 6 and all(gen.tokens > 0 for _, gen in done)
+    assert sum(1 for it, _ in done if it.tenant == "t2") == 3
+
+
+def test_no_job_holds_more_than_its_cap(hf):
+    loop = EngineLoop(hf, capacity=8, job_cap=3)
+    loop.add(items("a", "t1", 10))
+    loop.admit()
+    assert running(loop) == {"a": 3}
+    loop.add(items("b", "t2", 10))
+    loop.admit()
+    assert running(loop) == {"a": 3, "b": 3}
+
+
+def test_interactive_rows_go_first_and_shrink_the_bulk_share(hf):
+    loop = EngineLoop(hf, capacity=4, bulk_while_interactive=1)
+    loop.add(items("bulk", "t1", 8))
+    loop.admit()
+    assert running(loop) == {"bulk": 4}
+    first_four = sorted(it.index for _, it in loop.running.values())
+    loop.add(items("now", "t2", 2, interactive=True))
+    loop.admit()
+    # The interactive rows are in; the bulk rows admitted last were aborted, the oldest kept,
+    # and the aborted ones are next in line for their job.
+    assert running(loop) == {"now": 2, "bulk": 1}
+    assert loop.preempted == 3
+    assert [it.index for _, it in loop.running.values() if it.job == "bulk"] == [first_four[0]]
+    assert [it.index for it in list(loop.pending["bulk"])[:3]] == first_four[1:]
+    loop.step()  # the interactive rows finish: the bulk share grows back
+    loop.admit()
+    assert running(loop) == {"bulk": 4}
+
+
+def test_cancel_aborts_a_jobs_rows_and_keeps_the_others(hf):
+    loop = EngineLoop(hf, capacity=4)
+    loop.add(items("a", "t1", 6) + items("b", "t2", 6))
+    loop.admit()
+    dropped = loop.cancel_job("a")
+    assert len(dropped) == 6 and "a" not in running(loop)
+    done = loop.step()
+    assert {it.job for it, _ in done} == {"b"}
+    while not loop.idle:
+        done += loop.step()
+    assert sorted(it.index for it, _ in done) == list(range(6))
+
+
+# -- units in Redis --------------------------------------------------------------------
+
+
+def register(conn, job: str, tenant: str, rows: int, interactive=False, unit_rows=4):
+    pipe = conn.pipeline()
+    units.register(pipe, job, tenant, rows, unit_rows, interactive, "vllm|m|auto")
+    pipe.execute()
+
+
+def test_units_are_claimed_interactive_first_then_round_robin(redis_conn):
+    register(redis_conn, "job_a", "t1", 16)
+    register(redis_conn, "job_b", "t1", 16)
+    register(redis_conn, "job_c", "t2", 16)
+    register(redis_conn, "job_i", "t3", 2, interactive=True)
+    order = []
+    while got := units.claim(redis_conn, "w", ["vllm|m|auto"], True, 30):
+        order.append(got)
+    assert order[0] == ("job_i", 0, 2)
+    jobs = [j for j, _, _ in order[1:]]
+    assert len(jobs) == 12  # 3 jobs x 4 units of 4 rows, each once
+    # Tenants alternate while both have work (t2's one job, t1's two), then t1 goes on
+    # alone; t1's two jobs alternate within its share.
+    first = jobs[:8]
+    assert first[1::2] == ["job_c"] * 4 or first[0::2] == ["job_c"] * 4
+    assert "job_c" not in jobs[8:]
+    t1 = [j for j in jobs if j != "job_c"]
+    assert t1 == ["job_a", "job_b"] * 4 or t1 == ["job_b", "job_a"] * 4
+    assert sorted((lo, hi) for j, lo, hi in order if j == "job_a") == [
+        (0, 4), (4, 8), (8, 12), (12, 16)
+    ]  # fmt: skip
+    # A worker holding another teacher is offered none of them.
+    register(redis_conn, "job_d", "t1", 4)
+    assert units.claim(redis_conn, "w", ["vllm|other|auto"], True, 30) is None
+    assert units.claim(redis_conn, "w", ["vllm|m|auto"], False, 30) is None  # no bulk room
+    assert units.claim(redis_conn, "w", [], True, 30)[0] == "job_d"  # an idle worker: any
+
+
+def test_a_lapsed_lease_is_requeued_and_counted(redis_conn):
+    register(redis_conn, "job_a", "t1", 8)
+    job, lo, hi = units.claim(redis_conn, "w1", [], True, lease=0.2)
+    member = units.lease_member(job, lo, hi, "w1")
+    units.renew(redis_conn, [member], 0.2)
+    assert units.reap(redis_conn) == {}  # renewed: not lapsed
+    time.sleep(0.3)
+    assert units.reap(redis_conn) == {"job_a": 1}
+    assert units.reap(redis_conn) == {}  # requeued once
+    assert units.claim(redis_conn, "w2", [], True, 30) == ("job_a", 0, 4)  # retries first
+    # A unit handed back by a stopping worker is requeued at once, not counted.
+    units.release(redis_conn, [units.lease_member("job_a", 0, 4, "w2")], requeue=True)
+    assert units.claim(redis_conn, "w3", [], True, 0.1) == ("job_a", 0, 4)
+    time.sleep(0.2)
+    assert units.reap(redis_conn) == {"job_a": 2}
+
+
+def test_rows_are_written_once_and_the_cache_is_bounded(redis_conn):
+    register(redis_conn, "job_a", "t1", 3)
+    done = units.write_rows(redis_conn, {"job_a": [(0, "first", {"engine_rows": 1})]})
+    assert done == {"job_a": 1}
+    done = units.write_rows(redis_conn, {"job_a": [(0, "again", {}), (2, "x", {"engine_rows": 1})]})
+    assert done == {"job_a": 2}
+    assert units.read_rows(redis_conn, "job_a") == {0: "first", 2: "x"}
+    assert units.written(redis_conn, "job_a", [0, 1, 2]) == {0, 2}
+    assert units.usage(redis_conn, "job_a")["engine_rows"] == 2
+
+    for k in range(5):
+        units.cache_put(redis_conn, "t1", {f"k{k}": {"text": str(k)}}, max_rows=3)
+        time.sleep(0.01)
+    assert units.cache_get(redis_conn, "t1", ["k0", "k1", "k2", "k3", "k4"]) == [
+        None, None, {"text": "2"}, {"text": "3"}, {"text": "4"}
+    ]  # fmt: skip
+    assert units.cache_get(redis_conn, "t2", ["k4"]) == [None]  # another tenant's cache
+
+
+def test_old_specs_are_accepted_with_deprecated_fields():
+    spec = DistillSpec(dataset="x", engine="fast", batch_size=8, shards=4, shard_rows=100)
+    assert spec.engine == "fast" and spec.dtype == "auto" and spec.priority == "bulk"
+    from service.teacher.factory import pick_engine
+
+    assert pick_engine(spec.engine) == "vllm"
