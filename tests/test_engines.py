@@ -228,6 +228,17 @@ def test_openai_engine_against_a_real_server(hf):
         same(hf.generate(reqs, params), out)
         assert state["calls"] == len(reqs) + 1  # the 503 was retried
         assert 1 < state["max_inflight"] <= 2  # concurrent, and bounded
+        # Through the teacher loop: the same rows, over the same long-lived client.
+        from service.teacher.loop import EngineLoop, Item
+
+        client = engine._client
+        loop = EngineLoop(engine)
+        loop.add([Item(f"j/{i}", "j", "t", i, r, params) for i, r in enumerate(reqs)])
+        got = {}
+        while not loop.idle:
+            got.update((it.index, g) for it, g in loop.step())
+        same(out, [got[i] for i in range(len(reqs))])
+        assert engine._client is client and 1 < state["max_inflight"] <= 2
         prefilled = [b for b in state["bodies"] if b["messages"][-1]["role"] == "assistant"]
         assert prefilled and all(b["continue_final_message"] for b in prefilled)
         # Seeded sampling passes through.

@@ -9,8 +9,11 @@ OpenAI client takes (it includes ``/v1``). ``model=None`` asks ``GET {base_url}/
 and takes the first id (a ``vllm serve`` process serves one model).
 
 Requests run concurrently, at most ``concurrency`` at a time (an asyncio semaphore over
-one ``httpx.AsyncClient``); the server batches them, so a GPU server wants this well
-above 1 (default 32; vLLM schedules hundreds at once). A request that fails with 429, a 5xx
+one long-lived ``httpx.AsyncClient`` on an event loop of the engine's own, in a thread);
+the server batches them, so a GPU server wants this well above 1 (default 32; vLLM
+schedules hundreds at once). The teacher loop drives it like a local engine: ``start``
+sends a request at once, ``step`` returns those that came back (waiting up to
+``STEP_WAIT`` seconds for one), ``abort`` cancels one in flight. A request that fails with 429, a 5xx
 or a connection error/timeout is retried ``retries`` times with exponential backoff
 (``Retry-After`` honoured); any other 4xx fails at once, with the server's message.
 
@@ -25,6 +28,7 @@ is reproducible on servers that honour it (vLLM does, per request).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import threading
 
@@ -35,6 +39,7 @@ from service.teacher.base import Generation, GenParams, Request, TeacherEngine
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF = 30.0  # seconds; also the cap on a server's Retry-After
+STEP_WAIT = 0.05  # seconds step() waits for a reply when none has come back yet
 
 
 class TeacherServerError(DistilleryError):
@@ -68,30 +73,98 @@ class OpenAIEngine(TeacherEngine):
         self.backoff = backoff
         self.prefill_mode = prefill_mode
 
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._gate: asyncio.Semaphore | None = None
+        self._inflight: dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+
+    # -- one event loop and one client for the engine's life ---------------------------
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, daemon=True, name="openai").start()
+
+                async def setup():
+                    limits = httpx.Limits(max_connections=self.concurrency)
+                    self._client = httpx.AsyncClient(
+                        headers=self.headers, timeout=self.timeout, limits=limits
+                    )
+                    self._gate = asyncio.Semaphore(self.concurrency)
+
+                asyncio.run_coroutine_threadsafe(setup(), loop).result()
+                self._loop = loop
+            return self._loop
+
+    async def _one(self, req: Request, params: GenParams, seed: int) -> Generation:
+        assert self._client is not None and self._gate is not None
+        async with self._gate:
+            if self.model is None:
+                self.model = await self._first_model(self._client)
+            return await self._complete(self._client, req, params, seed)
+
+    def start(
+        self,
+        key: str,
+        request: Request,
+        params: GenParams,
+        seed: int | None = None,
+        priority: int = 0,
+    ) -> None:
+        loop = self._ensure_loop()
+        self._inflight[key] = asyncio.run_coroutine_threadsafe(
+            self._one(request, params, int(seed or 0)), loop
+        )
+
+    def step(self) -> list[tuple[str, Generation]]:
+        if not self._inflight:
+            return []
+        by_future = {f: k for k, f in self._inflight.items()}
+        done, _ = concurrent.futures.wait(
+            list(by_future), timeout=STEP_WAIT, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        out = []
+        for fut in done:
+            key = by_future[fut]
+            del self._inflight[key]
+            out.append((key, fut.result()))  # a request that failed for good raises here
+        return out
+
+    def abort(self, keys: list[str]) -> None:
+        for key in keys:
+            fut = self._inflight.pop(key, None)
+            if fut is not None:
+                fut.cancel()
+
     def generate(
         self, requests: list[Request], params: GenParams, seeds: list[int] | None = None
     ) -> list[Generation]:
         if not requests:
             return []
         seeds = list(seeds) if seeds is not None else list(range(len(requests)))
-        return _run_sync(self._generate_all(requests, params, seeds))
+        loop = self._ensure_loop()
+        futures = [
+            asyncio.run_coroutine_threadsafe(self._one(r, params, int(s)), loop)
+            for r, s in zip(requests, seeds, strict=True)
+        ]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
 
-    async def _generate_all(self, requests, params, seeds) -> list[Generation]:
-        gate = asyncio.Semaphore(self.concurrency)
-        limits = httpx.Limits(max_connections=self.concurrency)
-        async with httpx.AsyncClient(
-            headers=self.headers, timeout=self.timeout, limits=limits
-        ) as client:
-            if self.model is None:
-                self.model = await self._first_model(client)
-
-            async def one(req: Request, seed: int) -> Generation:
-                async with gate:
-                    return await self._complete(client, req, params, seed)
-
-            return list(
-                await asyncio.gather(*(one(r, s) for r, s in zip(requests, seeds, strict=True)))
-            )
+    def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        for fut in self._inflight.values():
+            fut.cancel()
+        self._inflight.clear()
+        if self._client is not None:
+            asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
 
     def body(self, req: Request, params: GenParams, seed: int) -> dict:
         messages = req.as_openai()
@@ -166,26 +239,3 @@ class OpenAIEngine(TeacherEngine):
         # Exponential backoff with full jitter (AWS architecture blog, "Exponential
         # Backoff And Jitter"): spreads retries of many concurrent requests apart.
         return random.uniform(0, min(MAX_BACKOFF, self.backoff * 2**attempt))
-
-
-def _run_sync(coro):
-    """Run a coroutine to completion from sync code, also when the caller already runs an
-    event loop (an async API handler): then it runs on a fresh loop in a thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
