@@ -227,6 +227,9 @@ class Experiment:
             max_new_tokens=self.args.max_new_tokens,
             batch_size=self.args.distill_batch,
             engine=self.args.engine,
+            # The record was made in fp32 (the retired fast engine): pin it, so a rebuild
+            # compares with the record whatever auto picks on this machine.
+            dtype="float32",
             seed=self.args.seed,
         )
         summary = self.timed(

@@ -77,13 +77,8 @@ def test_metrics_follow_job_records(redis_conn, api_url):
     t0 = time.time()
     assert records.transition(redis_conn, a, ("queued",), "running", started_at=t0)
     records.update(redis_conn, a, progress={"rows_done": 2, "tokens_per_s": 12.5})
-    # a shard's rate is already in its job's summed progress: not counted again
-    c = records.create(redis_conn, tenant="t", type="distill_shard", spec={}, queue="teacher")
-    assert records.transition(redis_conn, c["id"], ("queued",), "running", started_at=t0)
-    records.update(redis_conn, c["id"], progress={"rows_done": 1, "tokens_per_s": 5.0})
     assert records.transition(redis_conn, b, ("queued",), "cancelled", finished_at=t0)
     m = scrape(api_url)
-    assert value(m, "distillery_tokens_per_second", type="distill_shard") is None
     assert value(m, "distillery_jobs", type="distill", status="queued") == 0
     assert value(m, "distillery_jobs", type="distill", status="running") == 1
     assert value(m, "distillery_jobs", type="finetune", status="cancelled") == 1
@@ -94,7 +89,7 @@ def test_metrics_follow_job_records(redis_conn, api_url):
         is None
     )
 
-    result = {"rows": 3, "generated_tokens": 20}
+    result = {"rows": 3, "generated_tokens": 20, "prompt_tokens": 50, "cached_rows": 1}
     assert records.transition(
         redis_conn, a, ("running",), "succeeded", finished_at=t0 + 42, metrics=result
     )
@@ -106,6 +101,8 @@ def test_metrics_follow_job_records(redis_conn, api_url):
     assert value(m, "distillery_tokens_per_second", type="distill") == 0
     assert value(m, "distillery_generated_rows_total") == 3
     assert value(m, "distillery_generated_tokens_total") == 20
+    assert value(m, "distillery_prompt_tokens_total") == 50
+    assert value(m, "distillery_cached_rows_total") == 1
     hist = "distillery_job_duration_seconds"
     labels = {"type": "distill", "status": "succeeded"}
     assert value(m, f"{hist}_bucket", le="30.0", **labels) == 0
@@ -130,6 +127,9 @@ def test_metrics_after_a_real_distill_job(api, api_url, tenant_key, workers, tin
     assert value(m, "distillery_generated_rows_total") == 4
     tokens = done["metrics"]["generated_tokens"]
     assert tokens > 0 and value(m, "distillery_generated_tokens_total") == tokens
+    prompt = done["metrics"]["prompt_tokens"]
+    assert prompt > 0 and value(m, "distillery_prompt_tokens_total") == prompt
+    assert value(m, "distillery_cached_rows_total") == done["metrics"]["cached_rows"] == 0
     labels = {"type": "distill", "status": "succeeded"}
     assert value(m, "distillery_job_duration_seconds_count", **labels) == 1
     took = done["finished_at"] - done["started_at"]

@@ -1,6 +1,6 @@
 """A pipeline job through the API: one job to the caller, its steps run as RQ
 dependencies on the teacher and train workers, and the summary table at the end. Its
-distill step is split into 2 shards (``workers/shards.py``) and gathered before the
+distill step is served by the teacher loop in units of rows and assembled before the
 finetune step starts; cancelling the pipeline cancels them too."""
 
 from __future__ import annotations
@@ -29,10 +29,21 @@ def upload_rows(api, eval_data) -> str:
 
 
 def pipeline_body(tiny_model, ds) -> dict:
-    return {"type": "pipeline", "model": tiny_model, "dataset": ds, "blocks": 2,
-            "samples": 8, "limit": 8, "max_new_tokens": 8, "epochs": 1, "tasks": ["arith"],
-            "eval_limit": 10, "agreement_prompts": 2, "agreement_max_new_tokens": 4,
-            "shards": 2}  # fmt: skip
+    return {
+        "type": "pipeline",
+        "model": tiny_model,
+        "dataset": ds,
+        "blocks": 2,
+        "samples": 8,
+        "limit": 8,
+        "max_new_tokens": 8,
+        "epochs": 1,
+        "tasks": ["arith"],
+        "eval_limit": 10,
+        "agreement_prompts": 2,
+        "agreement_max_new_tokens": 4,
+        "shards": 2,
+    }  # fmt: skip  (shards: deprecated, accepted and ignored)
 
 
 def wait_job(api, job_id, timeout) -> dict:
@@ -49,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def served(api, job_id: str) -> list[tuple[str, str]]:
-    """(route, body) of every answer the API serves about a job, its steps and shards
+    """(route, body) of every answer the API serves about a job and its steps
     (record, events, result), its report and the models and datasets it made."""
     out: list[tuple[str, str]] = []
 
@@ -123,10 +134,8 @@ def test_pipeline_job(api, workers, tiny_model, eval_data, session_home):
     assert distilled["rows"] == 8
     step = next(c for c in done["children"] if c["step"] == "distill")
     distill = api.get(f"/v1/jobs/{step['id']}").json()
-    assert [(c["step"], c["status"]) for c in distill["children"]] == [
-        ("shard 1/2", "succeeded"), ("shard 2/2", "succeeded")
-    ]  # fmt: skip
-    assert [s["row_range"] for s in distill["metrics"]["shards"]] == [[0, 4], [4, 8]]
+    assert distill["children"] == [] and distill["metrics"]["rows"] == 8
+    assert distill["metrics"]["engine_rows"] + distill["metrics"]["cached_rows"] == 8
     finetune = next(c for c in done["children"] if c["step"] == "finetune")
     assert api.get(f"/v1/jobs/{finetune['id']}").json()["started_at"] >= distill["finished_at"]
     result = api.get(f"/v1/jobs/{job['id']}/result").json()
@@ -151,7 +160,7 @@ def test_pipeline_job(api, workers, tiny_model, eval_data, session_home):
     assert {"prune", "distill", "finetune"} <= advancing, advancing
     # no record, event, metric, result, report or model/dataset served names a server path
     answers = served(api, job["id"])
-    assert len(answers) >= 30  # 7 steps and 2 shards: records, events, results, more
+    assert len(answers) >= 30  # 7 steps: records, events, results, more
     assert_no_server_path(answers, session_home.parent, eval_data, workers)
 
 
@@ -199,10 +208,4 @@ def test_cancelling_a_pipeline_cancels_its_steps(api, workers, tiny_model, eval_
     statuses = {c["step"]: c["status"] for c in children}
     assert statuses["report"] == statuses["finetune"] == "cancelled", statuses
     assert "failed" not in statuses.values()
-    step = next(c for c in children if c["step"] == "distill")
-    while time.monotonic() < deadline:  # a running shard stops at its next batch
-        shards = api.get(f"/v1/jobs/{step['id']}").json()["children"]
-        if all(s["status"] in ("cancelled", "succeeded", "failed") for s in shards):
-            break
-        time.sleep(0.5)
-    assert len(shards) == 2 and {s["status"] for s in shards} <= {"cancelled", "succeeded"}
+    assert statuses["distill"] in ("cancelled", "succeeded")

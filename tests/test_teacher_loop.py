@@ -137,18 +137,19 @@ def test_units_are_claimed_interactive_first_then_round_robin(redis_conn):
 
 def test_a_lapsed_lease_is_requeued_and_counted(redis_conn):
     register(redis_conn, "job_a", "t1", 8)
-    job, lo, hi = units.claim(redis_conn, "w1", [], True, lease=0.2)
+    job, lo, hi = units.claim(redis_conn, "w1", [], True, lease=2)
     member = units.lease_member(job, lo, hi, "w1")
-    units.renew(redis_conn, [member], 0.2)
+    units.renew(redis_conn, [member], 2)
     assert units.reap(redis_conn) == {}  # renewed: not lapsed
-    time.sleep(0.3)
+    units.renew(redis_conn, [member], 0.1)
+    time.sleep(0.2)
     assert units.reap(redis_conn) == {"job_a": 1}
     assert units.reap(redis_conn) == {}  # requeued once
     assert units.claim(redis_conn, "w2", [], True, 30) == ("job_a", 0, 4)  # retries first
     # A unit handed back by a stopping worker is requeued at once, not counted.
     units.release(redis_conn, [units.lease_member("job_a", 0, 4, "w2")], requeue=True)
     assert units.claim(redis_conn, "w3", [], True, 0.1) == ("job_a", 0, 4)
-    time.sleep(0.2)
+    time.sleep(0.2)  # lapsed, whatever the load: reap runs after it
     assert units.reap(redis_conn) == {"job_a": 2}
 
 

@@ -165,23 +165,21 @@ def test_one_worker_serves_many_jobs_at_once(redis_server, session_home, tiny_ll
 
 
 def test_two_hosts_serve_jobs_together_and_one_is_killed(
-    redis_server,
-    tiny_llama,
-    tmp_path,
-    s3_server,
-    s3_url,  # noqa: F811
+    redis_server, tiny_llama, tmp_path, request
 ):
+    s3_options = request.getfixturevalue("s3_server")
+    bucket_url = request.getfixturevalue("s3_url")
     from service.store import ArtifactStore
     from tests.redis_fixture import own_db, start_worker, stop_process, wait_for
     from workers import records, units
 
     url, conn = own_db(redis_server, 9)
-    options = json.dumps(s3_server)
+    options = json.dumps(s3_options)
     # 16 rows in each engine: each host holds a few units of each job at a time.
-    env = worker_env(DISTILLERY_STORE_URL=s3_url, DISTILLERY_STORE_OPTIONS=options,
+    env = worker_env(DISTILLERY_STORE_URL=bucket_url, DISTILLERY_STORE_OPTIONS=options,
                      DISTILLERY_TEACHER_MAX_ROWS="16")  # fmt: skip
     homes = [tmp_path / f"host{k}" for k in range(3)]
-    svc = Service(conn, ArtifactStore(homes[2], s3_url, s3_server), str(tiny_llama))
+    svc = Service(conn, ArtifactStore(homes[2], bucket_url, s3_options), str(tiny_llama))
     a = start_worker("teacher", url, homes[0], tmp_path / "a.log", name="host-a", **env)
     b = start_worker("teacher", url, homes[1], tmp_path / "b.log", name="host-b", **env)
     try:

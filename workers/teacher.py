@@ -43,6 +43,7 @@ from typing import Any
 
 import redis
 
+from service import logs
 from service.errors import DistilleryError
 from service.settings import get_settings
 from service.specs import DistillSpec
@@ -52,7 +53,8 @@ log = logging.getLogger("distillery.worker")
 
 BEAT = 1.0  # seconds between lease renewals, reaps and registration heartbeats
 CHECK = 0.2  # seconds between reads of the held jobs' cancel flags and statuses
-IDLE_POLL = 0.05  # seconds an idle worker waits before asking for work again
+IDLE_WAIT = 0.5  # seconds an idle worker blocks for a new job before looking again
+REDIS_RETRY = 1.0  # seconds between tries while Redis is unreachable
 FINISH_LOCK = 600  # seconds one worker has to assemble a finished job's dataset
 
 
@@ -139,6 +141,7 @@ class TeacherWorker:
         self.loop = None
         self.jobs: dict[str, JobCtx] = {}
         self.units: dict[str, Unit] = {}  # lease member -> unit
+        self.unwritten: list = []  # finished rows not yet durable (a Redis outage)
         self.stopping = False
         self._last_beat = 0.0
         self._last_check = 0.0
@@ -157,23 +160,42 @@ class TeacherWorker:
         log.info("teacher worker %s ready", self.name)
         try:
             while not self.stopping:
-                self.beat()
-                self.check_jobs()
-                self.fill()
-                if self.loop is None or self.loop.idle:
-                    if burst and not self.units:
-                        break
-                    time.sleep(IDLE_POLL)
-                    continue
                 try:
-                    self.write(self.loop.step())
-                except Exception as exc:  # the engine failed: its jobs fail, not the worker
-                    self.engine_failed(exc)
+                    if not self.turn(burst):
+                        break
+                except redis.RedisError as exc:
+                    # Redis went away (restarted, unreachable): keep the engine, the rows in
+                    # it and the finished rows not yet written (``unwritten``), and carry
+                    # on when it is back; our leases are renewed at the next beat.
+                    log.warning("Redis unavailable (%s); retrying in %.0f s", exc, REDIS_RETRY)
+                    time.sleep(REDIS_RETRY)
         finally:
-            units.release(self.conn, list(self.units), requeue=True)
-            self.rq.register_death()
+            try:
+                units.release(self.conn, list(self.units), requeue=True)
+                self.rq.register_death()
+            except redis.RedisError:  # their leases lapse instead
+                pass
             if self.engine is not None:
                 self.engine.close()
+
+    def turn(self, burst: bool) -> bool:
+        """One turn of the loop; False when a burst worker has nothing left."""
+        self.beat()
+        self.write([])  # rows a Redis outage kept from being written
+        self.check_jobs()
+        self.fill()
+        if self.loop is None or self.loop.idle:
+            if burst and not self.units and not self.unwritten:
+                return False
+            units.wait_for_work(self.conn, IDLE_WAIT)
+            return True
+        try:
+            finished = self.loop.step()
+        except Exception as exc:  # the engine failed: its jobs fail, not the worker
+            self.engine_failed(exc)
+            return True
+        self.write(finished)
+        return True
 
     def engine_failed(self, exc: Exception) -> None:
         from workers.execute import error_doc
@@ -201,13 +223,21 @@ class TeacherWorker:
             else:
                 records.add_event(self.conn, job_id, "a teacher worker stopped mid-job; "
                                   "its rows were requeued to resume", level="warning")  # fmt: skip
-        for job_id in units.open_jobs(self.conn):
-            status = records.status(self.conn, job_id)
+        open_jobs = units.open_jobs(self.conn)
+        pipe = self.conn.pipeline(transaction=False)
+        for job_id in open_jobs:  # one round trip for all of them
+            pipe.hget(records.job_key(job_id), "status")
+            pipe.hget(units.tjob_key(job_id), "total")
+            pipe.hlen(units.rows_key(job_id))
+        got = pipe.execute() if open_jobs else []
+        for k, job_id in enumerate(open_jobs):
+            status, total, done = got[3 * k : 3 * k + 3]
+            status = status.decode() if status else None
             if status is None or status in records.TERMINAL:  # ended while queued (cancel)
                 if job_id not in self.jobs:
                     units.forget(self.conn, job_id)
-                continue
-            self.maybe_finish(job_id)  # complete but not finished: a finisher was lost
+            elif total is not None and done >= int(total):
+                self.finish(job_id)  # complete but not finished: its finisher was lost
 
     # -- engine -----------------------------------------------------------------------
 
@@ -269,16 +299,29 @@ class TeacherWorker:
         (it is then failed, or already ended)."""
         if job_id in self.jobs:
             return self.jobs[job_id]
-        from service.datasets import dataset_path, read_dataset
-        from workers.execute import _pipeline_of, error_doc
-        from workers.outputs import resolve_job_refs
-        from workers.reporter import RecordReporter
 
         rec = records.get(self.conn, job_id)
         meta = units.meta(self.conn, job_id)
         if rec is None or meta is None or rec["status"] in records.TERMINAL:
             return None
-        try:
+        with logs.context(job_id=job_id, tenant=rec["tenant"]):
+            return self._job_ctx(job_id, rec, meta)
+
+    def _job_ctx(self, job_id: str, rec: dict, meta: dict) -> JobCtx | None:
+        from service.datasets import dataset_path, read_dataset
+        from workers.execute import _pipeline_of, error_doc
+        from workers.outputs import resolve_job_refs
+        from workers.reporter import RecordReporter
+
+        now = time.time()
+        if records.transition(self.conn, job_id, ("queued",), "running", started_at=now,
+                              attempts=1, data={"attempt": 1}):  # fmt: skip
+            pipeline = _pipeline_of(self.conn, rec)
+            if pipeline:
+                records.transition(self.conn, pipeline, ("queued",), "running", started_at=now)
+                records.add_event(self.conn, pipeline, f"{rec['step']}: running",
+                                  data={"pipeline_step": rec["step"], "job_id": job_id})  # fmt: skip
+        try:  # validated at submission, and again here
             spec = DistillSpec.model_validate(
                 resolve_job_refs(self.conn, rec["tenant"], rec["spec"])
             )
@@ -290,14 +333,6 @@ class TeacherWorker:
         except Exception as exc:
             self.fail(job_id, error_doc(exc, "distill"))
             return None
-        now = time.time()
-        if records.transition(self.conn, job_id, ("queued",), "running", started_at=now,
-                              attempts=1, data={"attempt": 1}):  # fmt: skip
-            pipeline = _pipeline_of(self.conn, rec)
-            if pipeline:
-                records.transition(self.conn, pipeline, ("queued",), "running", started_at=now)
-                records.add_event(self.conn, pipeline, f"{rec['step']}: running",
-                                  data={"pipeline_step": rec["step"], "job_id": job_id})  # fmt: skip
         timeout = self.settings.job_timeout
         started = rec["started_at"] or now
         reporter = RecordReporter(self.conn, job_id, forward_to=_pipeline_of(self.conn, rec),
@@ -305,6 +340,8 @@ class TeacherWorker:
         ctx = JobCtx(rec, spec, rows, meta["total"], meta["interactive"], reporter,
                      deadline=started + timeout if timeout > 0 else None)  # fmt: skip
         self.jobs[job_id] = ctx
+        log.info("taking rows of job %s (%d rows, %s)", job_id, ctx.total,
+                 "interactive" if ctx.interactive else "bulk")  # fmt: skip
         return ctx
 
     def fill(self) -> None:
@@ -377,11 +414,12 @@ class TeacherWorker:
                 if job_id in self.jobs:
                     ctx = self.jobs[job_id]
                     ctx.peak_jobs = max(ctx.peak_jobs, len(sharing))
-        if not finished:
+        self.unwritten.extend(finished)
+        if not self.unwritten:
             return
         by_job: dict[str, list] = {}
         puts: dict[str, dict] = {}
-        for item, gen in finished:
+        for item, gen in self.unwritten:
             ctx = self.jobs.get(item.job)
             if ctx is None:
                 continue
@@ -389,20 +427,22 @@ class TeacherWorker:
             usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.tokens,
                      "engine_rows": 1, f"rows_by:{self.name}": 1}  # fmt: skip
             by_job.setdefault(item.job, []).append((fin, usage))
-            ctx.new_tokens += gen.tokens
             if ctx.spec.cache and "cache_key" in item.meta:
                 puts.setdefault(ctx.rec["tenant"], {})[item.meta["cache_key"]] = {
                     "text": gen.text, "tokens": gen.tokens,
                     "prompt_tokens": gen.prompt_tokens, "finish_reason": gen.finish_reason,
                 }  # fmt: skip
-        for tenant, entries in puts.items():
-            units.cache_put(self.conn, tenant, entries, self.settings.cache_rows)
         for job_id, rows in by_job.items():
             self.record(job_id, rows)
+            self.unwritten = [(it, g) for it, g in self.unwritten if it.job != job_id]
+        self.unwritten = [(it, g) for it, g in self.unwritten if it.job in self.jobs]
+        for tenant, entries in puts.items():
+            units.cache_put(self.conn, tenant, entries, self.settings.cache_rows)
 
     def record(self, job_id: str, rows: list) -> None:
         """Make finished rows durable, acknowledge completed units, report progress."""
         ctx = self.jobs[job_id]
+        ctx.new_tokens += sum(u.get("completion_tokens", 0) for _, u in rows)
         done = units.write_rows(self.conn, {job_id: [(f.index, f.to_json(), u) for f, u in rows]})[
             job_id
         ]
@@ -468,6 +508,8 @@ class TeacherWorker:
         self.drop(job_id)
         rec = records.get(self.conn, job_id)
         if rec is not None:
+            with logs.context(job_id=job_id, tenant=rec["tenant"]):
+                log.warning("job %s failed: %s", job_id, error.get("message"))
             end(self.conn, rec, "failed", error=error)
         units.forget(self.conn, job_id)
 
@@ -542,6 +584,9 @@ class TeacherWorker:
                                   "tokens_per_s")}})  # fmt: skip
             if end(self.conn, rec, "succeeded", metrics=summary, artifacts=artifacts):
                 finish_rq_job(self.conn, job_id)
+                with logs.context(job_id=job_id, tenant=rec["tenant"]):
+                    log.info("job %s succeeded: %d rows, %d from the cache, %s tokens/s", job_id,
+                             summary["rows"], summary["cached_rows"], summary["tokens_per_s"])  # fmt: skip
             units.forget(self.conn, job_id)
             self.jobs.pop(job_id, None)
             import shutil

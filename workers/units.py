@@ -70,6 +70,7 @@ def retry_key(job_id: str) -> str:
 
 ACTIVE = {True: f"{P}:active:interactive", False: f"{P}:active:bulk"}
 OPEN = f"{P}:open"  # every registered, unfinished job
+WAKE = f"{P}:wake"  # a token per registration: an idle worker blocks on it, not polling
 LEASES = f"{P}:leases"  # member "job|lo|hi|worker", score: expiry time
 
 
@@ -100,6 +101,14 @@ def register(
     )
     pipe.sadd(ACTIVE[interactive], job_id)
     pipe.sadd(OPEN, job_id)
+    pipe.lpush(WAKE, job_id)
+    pipe.ltrim(WAKE, 0, 63)
+
+
+def wait_for_work(conn: redis.Redis, timeout: float) -> None:
+    """Block an idle worker until a job is registered or ``timeout`` passes (one idle
+    worker takes each token; the others find the work at their next timeout)."""
+    conn.blpop([WAKE], timeout=timeout)
 
 
 # ARGV: now, lease seconds, worker name, accepted engine keys (JSON list; empty: any),

@@ -177,6 +177,10 @@ class VLLMEngine(TeacherEngine):
         try:
             with modules_vllm_can_scan():
                 self.llm = LLM(**kwargs)
+        except Exception as exc:  # weights or config vLLM cannot read: the model's fault
+            from service.errors import ModelError
+
+            raise ModelError(f"cannot load model {model_ref!r} from {path}: {exc!r}") from exc
         finally:
             torch.set_num_threads = set_num_threads
         self.tokenizer = self.llm.get_tokenizer()
