@@ -47,9 +47,9 @@ def alpaca(data_dir: Path) -> list[dict]:
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.out = Path(args.out)
+        self.out = Path(args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.home = self.out / "home"
+        self.home = (self.out / "home").resolve()
         self.results_path = self.out / "results.json"
         self.results = (
             json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}

@@ -42,7 +42,6 @@ def step_specs(spec: PipelineSpec, out: Path) -> dict:
             engine=spec.engine,
             dtype=spec.dtype,
             seed=spec.seed,
-            shards=spec.shards,
         ),
         "finetune": FinetuneSpec(
             model=str(pruned),

@@ -143,11 +143,13 @@ class Settings(BaseSettings):
         "teacher_max_rows (fair share still splits the room between jobs).",
     )
     teacher_bulk_while_interactive: int = Field(
-        default=4,
+        default=16,
         ge=0,
         description="Bulk rows a teacher worker keeps in its engine while interactive rows "
-        "are in flight (the rest wait, or are aborted and redone): on a CPU a step of a full "
-        "batch costs several times a step of a few rows.",
+        "are in flight (the others step out, greedy ones keeping their tokens): on a CPU a "
+        "step of a full batch costs several times a step of a few rows (the trade-off "
+        "between interactive latency and bulk throughput is measured in "
+        "docs/performance.md).",
     )
 
     # -- deployment (docs/deploy.md) ---------------------------------------------------
@@ -171,7 +173,7 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Logging level: DEBUG, INFO, WARNING...")
 
     def home_dir(self) -> Path:
-        path = self.home.expanduser()
+        path = self.home.expanduser().resolve()  # a relative home: pieces start elsewhere
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -144,3 +144,13 @@ def test_pipeline_from_an_empty_home(tmp_path, monkeypatch):
     assert {t for t in PIPELINE_LORA_TARGETS if any(t in k for k in moved)} == set(
         PIPELINE_LORA_TARGETS
     )
+
+
+def test_a_relative_home_is_made_absolute(tmp_path, monkeypatch):
+    """`DISTILLERY_HOME=runs/x distillery up` once failed ("redis-server did not start"):
+    the pieces start in other folders, so the home is resolved where it is read."""
+    from service.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    home = Settings(home=Path("runs/x")).home_dir()
+    assert home.is_absolute() and home == tmp_path / "runs" / "x" and home.is_dir()

@@ -304,3 +304,27 @@ def test_stepping_joins_and_aborts_requests_between_steps(engine, vllm_llama):
     ]
     compared = assert_greedy_matches(hf, [reqs[0], reqs[2]], gens, 12)
     assert compared >= 0.8 * sum(g.tokens for g in gens), compared
+
+
+def test_a_preempted_greedy_request_continues_where_it_was(engine, vllm_llama):
+    """The loop takes bulk rows out to make room for interactive ones: a greedy row comes
+    back with its tokens appended and continues after them, ending as if never stopped."""
+    hf = HFEngine(str(vllm_llama), device="cpu", batch_size=1)
+    params = GenParams(max_new_tokens=16)
+    req = chat(QUESTIONS[2])
+    engine.start("x", req, params)
+    for _ in range(6):
+        assert not engine.step()  # 16 tokens take more than 6 steps
+    got = engine.preempt(["x"])["x"]
+    assert 0 < len(got) < 16 and not engine.step()
+    engine.start("x", req, params, prefix=got)
+    finished: dict = {}
+    for _ in range(100):
+        finished.update(engine.step())
+        if "x" in finished:
+            break
+    gen = finished["x"]
+    assert gen.extra["token_ids"][: len(got)] == got and gen.tokens <= 16
+    assert gen.prompt_tokens == len(render_prompt(hf.tokenizer, req))
+    compared = assert_greedy_matches(hf, [req], [gen], 16)
+    assert compared >= 0.8 * gen.tokens, compared

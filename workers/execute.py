@@ -222,7 +222,7 @@ def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
 
 
 def stop_pipeline(conn: redis.Redis, parent_id: str, status: str, error: dict | None) -> None:
-    """Settle a parent job (a pipeline, or a sharded distill job): cancel its unfinished
+    """Settle a parent job (a pipeline): cancel its unfinished
     children, then mark it ``status``; a parent that has a parent settles that one too."""
     from workers.submit import cancel_waiting_rq_job
 
@@ -234,14 +234,15 @@ def stop_pipeline(conn: redis.Redis, parent_id: str, status: str, error: dict | 
     if status == "failed" and error:
         fields["error"] = error
     if records.transition(conn, parent_id, ("queued", "running"), status, **fields):
-        cancel_waiting_rq_job(conn, parent_id)  # a sharded job's gather step
+        cancel_waiting_rq_job(conn, parent_id)
         if parent["parent"]:
             stop_pipeline(conn, parent["parent"], status, error)
 
 
 def stop_children(conn: redis.Redis, parent: dict) -> None:
     """Cancel a parent's children: queued ones now, running ones at their next batch or
-    step; a child with children of its own (a sharded step) is cancelled with them."""
+    step (a distill step's rows leave the teacher loop at its next step); a child with
+    children of its own is cancelled with them."""
     from workers.submit import cancel_rq_job, cancel_waiting_rq_job
 
     for child_id in parent["children"]:

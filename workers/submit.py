@@ -283,8 +283,8 @@ def cancel_rq_job(conn: redis.Redis, job_id: str) -> None:
 
 
 def cancel_waiting_rq_job(conn: redis.Redis, job_id: str) -> None:
-    """Cancel an RQ job that has not started (a sharded job's gather step, waiting on its
-    shards); a running one is left to finish and find its record settled."""
+    """Cancel an RQ job that has not started (waiting on its dependencies); a running one
+    is left to finish and find its record settled."""
     try:
         job = Job.fetch(job_id, connection=conn)
         if job.get_status(refresh=False) in (JobStatus.DEFERRED, JobStatus.QUEUED):

@@ -54,6 +54,7 @@ log = logging.getLogger("distillery.worker")
 BEAT = 1.0  # seconds between lease renewals, reaps and registration heartbeats
 CHECK = 0.2  # seconds between reads of the held jobs' cancel flags and statuses
 IDLE_WAIT = 0.5  # seconds an idle worker blocks for a new job before looking again
+RQ_RESULT_TTL = 7 * 24 * 3600  # seconds an ended distill job's RQ job is kept (as submit's)
 REDIS_RETRY = 1.0  # seconds between tries while Redis is unreachable
 FINISH_LOCK = 600  # seconds one worker has to assemble a finished job's dataset
 
@@ -123,6 +124,19 @@ def finish_rq_job(conn: redis.Redis, job_id: str) -> None:
         return
     job.set_status(JobStatus.FINISHED)
     Queue(job.origin, connection=conn).enqueue_dependents(job)
+    job.cleanup(ttl=RQ_RESULT_TTL)  # its dependents are queued: it may expire now
+
+
+def drop_rq_job(conn: redis.Redis, job_id: str) -> None:
+    """A distill job that ended otherwise: its never-queued RQ job expires (the record is
+    what clients read; dependents were cancelled with the pipeline)."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    try:
+        Job.fetch(job_id, connection=conn).cleanup(ttl=RQ_RESULT_TTL)
+    except NoSuchJobError:
+        pass
 
 
 class TeacherWorker:
@@ -488,6 +502,7 @@ class TeacherWorker:
                 ctx.reporter.flush()
                 end(self.conn, ctx.rec, "cancelled")
                 units.forget(self.conn, job_id)
+                drop_rq_job(self.conn, job_id)
             elif ctx.deadline is not None and time.time() > ctx.deadline:
                 self.fail(job_id, {"code": "timeout", "where": "distill",
                                    "message": "job ran past its time limit"})  # fmt: skip
@@ -512,6 +527,7 @@ class TeacherWorker:
                 log.warning("job %s failed: %s", job_id, error.get("message"))
             end(self.conn, rec, "failed", error=error)
         units.forget(self.conn, job_id)
+        drop_rq_job(self.conn, job_id)
 
     def finish(self, job_id: str) -> None:
         """Assemble a job whose rows are all written into its dataset and end it."""

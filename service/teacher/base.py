@@ -91,8 +91,11 @@ class TeacherEngine(ABC):
         params: GenParams,
         seed: int | None = None,
         priority: int = 0,
+        prefix: list[int] | None = None,
     ) -> None:
-        """Add request ``key`` to the running batch (lower ``priority`` runs earlier)."""
+        """Add request ``key`` to the running batch (lower ``priority`` runs earlier).
+        ``prefix``: tokens a preempted request had generated (:meth:`preempt`); an engine
+        that cannot continue from them starts over."""
         if not hasattr(self, "_started"):
             self._started = {}
         self._started[key] = (request, params, seed)
@@ -115,6 +118,12 @@ class TeacherEngine(ABC):
         """Drop started requests (unknown keys are ignored)."""
         for key in keys:
             getattr(self, "_started", {}).pop(key, None)
+
+    def preempt(self, keys: list[str]) -> dict[str, list[int]]:
+        """Drop started requests to make room; {key: tokens generated so far} for those
+        that can continue from them (none here: they start over)."""
+        self.abort(keys)
+        return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op for most engines
         """Free what the engine holds (a vLLM engine is freed by ending its process)."""

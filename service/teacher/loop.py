@@ -20,10 +20,11 @@ decided here, before every engine step:
   request to admit a waiting one (vLLM #40004: its scheduler stops at ``max_num_seqs``,
   and the KV cache fills before that). So while any interactive row is pending or
   running, bulk rows in the engine are cut down to ``bulk_while_interactive``: the most
-  recently admitted bulk rows (the ones with the least work done) are aborted and put
-  back at the front of their job's queue, to be generated again from the start once the
-  interactive rows are out. Greedy output does not depend on that; a sampled row keeps
-  its own seed.
+  recently admitted bulk rows (the ones with the least work done) are taken out
+  (``engine.preempt``) and put back at the front of their job's queue. A greedy row comes
+  back with the tokens it had generated appended to its prompt and continues after them
+  (vLLM's prefix cache holds the prompt), so its work is kept; a sampled row starts over,
+  so that its sample stays the one its seed draws.
 - **Fair share for bulk work.** Free room goes round-robin by tenant, then by job within
   a tenant, one row at a time, so two tenants' jobs progress side by side whatever their
   sizes and order of arrival, and no job holds more than ``job_cap`` rows in the engine.
@@ -71,7 +72,7 @@ class EngineLoop:
         engine: TeacherEngine,
         capacity: int | None = None,
         job_cap: int | None = None,
-        bulk_while_interactive: int = 4,
+        bulk_while_interactive: int = 16,
     ):
         self.engine = engine
         self.capacity = max(1, capacity or default_capacity(engine))
@@ -85,7 +86,8 @@ class EngineLoop:
         self._tenants: deque[str] = deque()  # bulk round-robin: tenants...
         self._jobs: dict[str, deque[str]] = {}  # ...then each tenant's jobs
         self._seq = itertools.count()
-        self.preempted = 0  # bulk rows aborted to make room for interactive ones
+        self.preempted = 0  # bulk rows taken out to make room for interactive ones
+        self.resumed = 0  # of those, rows that continue from their tokens
 
     # -- what the loop holds -----------------------------------------------------------
 
@@ -146,7 +148,8 @@ class EngineLoop:
 
     def _start(self, item: Item) -> None:
         priority = INTERACTIVE_PRIORITY if item.interactive else BULK_PRIORITY
-        self.engine.start(item.key, item.request, item.params, item.seed, priority)
+        prefix = item.meta.get("prefix")
+        self.engine.start(item.key, item.request, item.params, item.seed, priority, prefix)
         self.running[item.key] = (next(self._seq), item)
         self.in_engine[item.job] += 1
 
@@ -161,7 +164,13 @@ class EngineLoop:
         victims = [it for _, it in bulk[keep:]]
         if not victims:
             return
-        self.engine.abort([it.key for it in victims])
+        generated = self.engine.preempt([it.key for it in victims])
+        for it in victims:
+            # A greedy row continues from what it generated (the same tokens it would
+            # have produced); a sampled row starts over, so its sample stays its seed's.
+            if it.params.temperature == 0 and generated.get(it.key):
+                it.meta["prefix"] = generated[it.key]
+                self.resumed += 1
         for it in reversed(victims):  # newest last, so the oldest victim runs first again
             del self.running[it.key]
             self.in_engine[it.job] -= 1

@@ -112,6 +112,7 @@ class OpenAIEngine(TeacherEngine):
         params: GenParams,
         seed: int | None = None,
         priority: int = 0,
+        prefix: list[int] | None = None,
     ) -> None:
         loop = self._ensure_loop()
         self._inflight[key] = asyncio.run_coroutine_threadsafe(

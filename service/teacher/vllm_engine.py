@@ -185,7 +185,8 @@ class VLLMEngine(TeacherEngine):
             torch.set_num_threads = set_num_threads
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_ids = stop_token_ids(path, self.tokenizer)
-        self._prompt_tokens: dict[str, int] = {}  # started requests' prompt lengths
+        # Started requests: (prompt length, tokens generated so far).
+        self._running: dict[str, tuple[int, list[int]]] = {}
         # Rows the loop keeps in the engine at once: vLLM's own batch limit.
         self.capacity = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
@@ -241,18 +242,25 @@ class VLLMEngine(TeacherEngine):
         params: GenParams,
         seed: int | None = None,
         priority: int = 0,
+        prefix: list[int] | None = None,
     ) -> None:
+        """``prefix``: tokens this request already generated before it was preempted;
+        they are appended to the prompt (prefix caching makes the prompt part free) and
+        generation continues after them, so the work done is kept."""
         from vllm import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         ids = render_prompt(self.tokenizer, request)
+        prefix = list(prefix or ())
         sampling = self.sampling_params(params, seed)
-        # Only the finished output comes back from step(), as LLM.generate asks for it.
-        sampling.output_kind = RequestOutputKind.FINAL_ONLY
+        sampling.max_tokens = max(1, params.max_new_tokens - len(prefix))
+        # Each step returns the tokens it added (the loop keeps them, to resume a
+        # preempted request where it was).
+        sampling.output_kind = RequestOutputKind.DELTA
         self.llm.llm_engine.add_request(
-            key, TokensPrompt(prompt_token_ids=ids), sampling, priority=priority
+            key, TokensPrompt(prompt_token_ids=ids + prefix), sampling, priority=priority
         )
-        self._prompt_tokens[key] = len(ids)
+        self._running[key] = (len(ids), prefix)
 
     def step(self) -> list[tuple[str, Generation]]:
         engine = self.llm.llm_engine
@@ -260,29 +268,36 @@ class VLLMEngine(TeacherEngine):
             return []
         done = []
         for out in engine.step():
-            if not out.finished:
+            state = self._running.get(out.request_id)
+            if state is None:
                 continue
             c = out.outputs[0]
+            state[1].extend(c.token_ids)
+            if not out.finished:
+                continue
+            prompt_tokens, tokens = self._running.pop(out.request_id)
             done.append(
                 (
                     out.request_id,
                     Generation(
-                        text=c.text,
-                        tokens=len(c.token_ids),
-                        prompt_tokens=self._prompt_tokens.pop(out.request_id, 0),
+                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                        tokens=len(tokens),
+                        prompt_tokens=prompt_tokens,
                         finish_reason="length" if c.finish_reason == "length" else "stop",
-                        extra={"token_ids": list(c.token_ids)},
+                        extra={"token_ids": list(tokens)},
                     ),
                 )
             )
         return done
 
     def abort(self, keys: list[str]) -> None:
-        keys = [k for k in keys if k in self._prompt_tokens]
+        self.preempt(keys)
+
+    def preempt(self, keys: list[str]) -> dict[str, list[int]]:
+        keys = [k for k in keys if k in self._running]
         if keys:
             self.llm.llm_engine.abort_request(keys)
-            for k in keys:
-                self._prompt_tokens.pop(k, None)
+        return {k: self._running.pop(k)[1] for k in keys}
 
     def acceptance(self) -> dict:
         """Speculative-decoding counters so far: drafts, drafted and accepted tokens, the
