@@ -178,3 +178,14 @@ def test_old_specs_are_accepted_with_deprecated_fields():
     from service.teacher.factory import pick_engine
 
     assert pick_engine(spec.engine) == "vllm"
+
+
+def test_a_late_job_takes_the_freed_room_until_the_shares_are_equal(hf):
+    loop = EngineLoop(hf, capacity=4)
+    loop.add(items("early", "t1", 12))
+    loop.admit()
+    assert running(loop) == {"early": 4}
+    loop.add(items("late", "t2", 12))
+    assert len(loop.step()) == 4  # hf: the 4 early rows finish
+    loop.admit()  # the freed room goes to the late job until the shares are equal
+    assert running(loop) == {"late": 2, "early": 2}

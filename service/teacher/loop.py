@@ -25,9 +25,12 @@ decided here, before every engine step:
   back with the tokens it had generated appended to its prompt and continues after them
   (vLLM's prefix cache holds the prompt), so its work is kept; a sampled row starts over,
   so that its sample stays the one its seed draws.
-- **Fair share for bulk work.** Free room goes round-robin by tenant, then by job within
-  a tenant, one row at a time, so two tenants' jobs progress side by side whatever their
-  sizes and order of arrival, and no job holds more than ``job_cap`` rows in the engine.
+- **Fair share for bulk work.** Free room goes one row at a time to the tenant with the
+  fewest rows in the engine, then to its job with the fewest (ties round-robin), so two
+  tenants' jobs converge to equal shares of the batch whatever their sizes and order of
+  arrival, and no job holds more than ``job_cap`` rows in the engine. A job alone may
+  fill the engine (work-conserving); one that arrives later takes the slots that free
+  until the shares are equal.
 
 Every finished row comes back from :meth:`EngineLoop.step` at once, in the step it
 finished in; the caller makes it durable. :meth:`EngineLoop.cancel_job` aborts a job's
@@ -189,24 +192,30 @@ class EngineLoop:
                 self._start(queue.popleft())
                 room -= 1
         bulk = sum(1 for _, it in self.running.values() if not it.interactive)
-        # Round-robin, one row at a time: next tenant, that tenant's next job.
-        stalled = 0
-        while room > 0 and bulk < bulk_cap and self._tenants and stalled < len(self._tenants):
-            tenant = self._tenants[0]
-            self._tenants.rotate(-1)
-            jobs = self._jobs[tenant]
-            for _ in range(len(jobs)):
-                job = jobs[0]
-                jobs.rotate(-1)
-                queue = self.pending.get(job)
-                if queue and self.in_engine[job] < self.job_cap:
-                    self._start(queue.popleft())
-                    room -= 1
-                    bulk += 1
-                    stalled = 0
-                    break
-            else:
-                stalled += 1
+        # One row at a time to the tenant with the fewest rows in the engine, then its job
+        # with the fewest (ties: round-robin order). A job that arrives while another fills
+        # the engine takes every slot that frees until the two hold equal shares, rather
+        # than alternating with it and keeping it ahead by its head start.
+        while room > 0 and bulk < bulk_cap:
+            best = None
+            for rank, tenant in enumerate(self._tenants):
+                jobs = [j for j in self._jobs[tenant]
+                        if self.pending.get(j) and self.in_engine[j] < self.job_cap]  # fmt: skip
+                if not jobs:
+                    continue
+                held = sum(self.in_engine[j] for j in self._jobs[tenant])
+                if best is None or held < best[0]:
+                    best = (held, rank, tenant, min(jobs, key=lambda j: self.in_engine[j]))
+            if best is None:
+                break
+            _, _, tenant, job = best
+            self._start(self.pending[job].popleft())
+            self._tenants.remove(tenant)  # to the back of the round-robin
+            self._tenants.append(tenant)
+            self._jobs[tenant].remove(job)
+            self._jobs[tenant].append(job)
+            room -= 1
+            bulk += 1
 
     def step(self) -> list[tuple[Item, Generation]]:
         """Admit, run one engine step, return the rows that finished in it."""
