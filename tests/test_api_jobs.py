@@ -140,14 +140,26 @@ def test_sse_stream_follows_a_job(api, api_url, workers, tiny_model):
     assert ids == [events[-1]["id"]]
 
 
-def test_cancel_a_queued_and_a_running_distill_job(api, workers, tiny_model):
-    long = upload(api, ALPACA_ROWS * 40)  # 320 rows, one per batch: minutes of work
-    running = submit(api, **distill_body(tiny_model, long, batch_size=1, max_new_tokens=64))
+def test_cancel_a_queued_and_a_running_distill_job(
+    api, workers, tiny_model, tiny_llama, session_home, tenant_key
+):
+    from service.store import ArtifactStore
+    from workers.outputs import import_model
+
+    # 320 distinct rows, cache bypassed: minutes of work for the one teacher worker.
+    rows = [{**r, "instruction": f"{r['instruction']} ({k})"}
+            for k, r in enumerate(ALPACA_ROWS * 40)]  # fmt: skip
+    long = upload(api, rows)
+    running = submit(api, **distill_body(tiny_model, long, cache=False, max_new_tokens=64))
     wait_for(
         lambda: api.get(f"/v1/jobs/{running['id']}").json()["progress"].get("rows_done", 0) >= 1,
         120, 0.2, "the long job to make progress",
     )  # fmt: skip
-    queued = submit(api, **distill_body(tiny_model, long))  # waits behind it (one worker)
+    # A job for another teacher waits: a busy worker takes only units of the teacher it holds.
+    other = import_model(ArtifactStore(session_home), tenant_key[0], tiny_llama)["id"]
+    queued = submit(api, **distill_body(other, long))
+    time.sleep(1)  # a worker that took it would have started it by now
+    assert api.get(f"/v1/jobs/{queued['id']}").json()["status"] == "queued"
     r = api.post(f"/v1/jobs/{queued['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = api.post(f"/v1/jobs/{queued['id']}/cancel")
@@ -164,6 +176,26 @@ def test_cancel_a_queued_and_a_running_distill_job(api, workers, tiny_model):
     ds = upload(api, ALPACA_ROWS[:2])
     assert wait_job(api, submit(api, **distill_body(tiny_model, ds))["id"])["status"] == "succeeded"
     assert api.get(f"/v1/jobs/{queued['id']}").json()["started_at"] is None
+
+
+def test_partial_rows_of_a_running_distill_job(api, workers, tiny_model):
+    rows = [{**r, "instruction": f"{r['instruction']} [{k}]"}
+            for k, r in enumerate(ALPACA_ROWS * 40)]  # fmt: skip
+    job = submit(api, **distill_body(tiny_model, upload(api, rows), cache=False,
+                                     max_new_tokens=64))  # fmt: skip
+    wait_for(
+        lambda: api.get(f"/v1/jobs/{job['id']}").json()["progress"].get("rows_done", 0) >= 2,
+        120, 0.1, "rows of the job",
+    )  # fmt: skip
+    assert api.get(f"/v1/jobs/{job['id']}/result").status_code == 409  # not finished
+    r = api.get(f"/v1/jobs/{job['id']}/result?partial=true")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    got = [json.loads(line) for line in r.text.splitlines()]
+    assert len(got) >= 2 and len({g["index"] for g in got}) == len(got)
+    for g in got:  # each row with its input position and its provenance
+        assert g["instruction"] == rows[g["index"]]["instruction"] and "reason" in g
+    api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert wait_job(api, job["id"], timeout=60)["status"] == "cancelled"
 
 
 def finetune_body(tiny_model, ds) -> dict:

@@ -189,3 +189,25 @@ def test_a_late_job_takes_the_freed_room_until_the_shares_are_equal(hf):
     assert len(loop.step()) == 4  # hf: the 4 early rows finish
     loop.admit()  # the freed room goes to the late job until the shares are equal
     assert running(loop) == {"late": 2, "early": 2}
+
+
+def test_a_unit_requeued_past_its_retries_fails_its_job(redis_conn):
+    """Every worker reaps lapsed leases; a unit whose workers kept dying is requeued
+    RETRIES times, then its job ends failed (worker_lost), never running forever."""
+    from workers import records
+    from workers.teacher import TeacherWorker
+
+    rec = records.create(redis_conn, tenant="t1", type="distill", spec={}, queue="teacher")
+    records.transition(redis_conn, rec["id"], ("queued",), "running", started_at=time.time())
+    register(redis_conn, rec["id"], "t1", 4)
+    worker = TeacherWorker(redis_conn, name="reaper")
+    for attempt in range(units.RETRIES + 1):
+        assert units.claim(redis_conn, f"dead-{attempt}", [], True, lease=0.05)
+        time.sleep(0.1)  # its worker "died": the lease lapses
+        worker._last_beat = 0.0
+        worker.beat()
+        status = records.get(redis_conn, rec["id"])["status"]
+        assert status == ("failed" if attempt == units.RETRIES else "running"), attempt
+    failed = records.get(redis_conn, rec["id"])
+    assert failed["error"]["code"] == "worker_lost"
+    assert not units.open_jobs(redis_conn)  # its unit state is gone
