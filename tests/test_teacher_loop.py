@@ -101,19 +101,30 @@ def test_cancel_aborts_a_jobs_rows_and_keeps_the_others(hf):
 # -- units in Redis --------------------------------------------------------------------
 
 
+@pytest.fixture
+def conn(redis_server):
+    """A database of its own: the session's teacher worker (tests.redis_fixture.workers)
+    would claim units registered where it listens."""
+    from tests.redis_fixture import own_db
+
+    _, db = own_db(redis_server, 11)
+    yield db
+    db.flushdb()
+
+
 def register(conn, job: str, tenant: str, rows: int, interactive=False, unit_rows=4):
     pipe = conn.pipeline()
     units.register(pipe, job, tenant, rows, unit_rows, interactive, "vllm|m|auto")
     pipe.execute()
 
 
-def test_units_are_claimed_interactive_first_then_round_robin(redis_conn):
-    register(redis_conn, "job_a", "t1", 16)
-    register(redis_conn, "job_b", "t1", 16)
-    register(redis_conn, "job_c", "t2", 16)
-    register(redis_conn, "job_i", "t3", 2, interactive=True)
+def test_units_are_claimed_interactive_first_then_round_robin(conn):
+    register(conn, "job_a", "t1", 16)
+    register(conn, "job_b", "t1", 16)
+    register(conn, "job_c", "t2", 16)
+    register(conn, "job_i", "t3", 2, interactive=True)
     order = []
-    while got := units.claim(redis_conn, "w", ["vllm|m|auto"], True, 30):
+    while got := units.claim(conn, "w", ["vllm|m|auto"], True, 30):
         order.append(got)
     assert order[0] == ("job_i", 0, 2)
     jobs = [j for j, _, _ in order[1:]]
@@ -129,47 +140,47 @@ def test_units_are_claimed_interactive_first_then_round_robin(redis_conn):
         (0, 4), (4, 8), (8, 12), (12, 16)
     ]  # fmt: skip
     # A worker holding another teacher is offered none of them.
-    register(redis_conn, "job_d", "t1", 4)
-    assert units.claim(redis_conn, "w", ["vllm|other|auto"], True, 30) is None
-    assert units.claim(redis_conn, "w", ["vllm|m|auto"], False, 30) is None  # no bulk room
-    assert units.claim(redis_conn, "w", [], True, 30)[0] == "job_d"  # an idle worker: any
+    register(conn, "job_d", "t1", 4)
+    assert units.claim(conn, "w", ["vllm|other|auto"], True, 30) is None
+    assert units.claim(conn, "w", ["vllm|m|auto"], False, 30) is None  # no bulk room
+    assert units.claim(conn, "w", [], True, 30)[0] == "job_d"  # an idle worker: any
 
 
-def test_a_lapsed_lease_is_requeued_and_counted(redis_conn):
-    register(redis_conn, "job_a", "t1", 8)
-    job, lo, hi = units.claim(redis_conn, "w1", [], True, lease=2)
+def test_a_lapsed_lease_is_requeued_and_counted(conn):
+    register(conn, "job_a", "t1", 8)
+    job, lo, hi = units.claim(conn, "w1", [], True, lease=2)
     member = units.lease_member(job, lo, hi, "w1")
-    units.renew(redis_conn, [member], 2)
-    assert units.reap(redis_conn) == {}  # renewed: not lapsed
-    units.renew(redis_conn, [member], 0.1)
+    units.renew(conn, [member], 2)
+    assert units.reap(conn) == {}  # renewed: not lapsed
+    units.renew(conn, [member], 0.1)
     time.sleep(0.2)
-    assert units.reap(redis_conn) == {"job_a": 1}
-    assert units.reap(redis_conn) == {}  # requeued once
-    assert units.claim(redis_conn, "w2", [], True, 30) == ("job_a", 0, 4)  # retries first
+    assert units.reap(conn) == {"job_a": 1}
+    assert units.reap(conn) == {}  # requeued once
+    assert units.claim(conn, "w2", [], True, 30) == ("job_a", 0, 4)  # retries first
     # A unit handed back by a stopping worker is requeued at once, not counted.
-    units.release(redis_conn, [units.lease_member("job_a", 0, 4, "w2")], requeue=True)
-    assert units.claim(redis_conn, "w3", [], True, 0.1) == ("job_a", 0, 4)
+    units.release(conn, [units.lease_member("job_a", 0, 4, "w2")], requeue=True)
+    assert units.claim(conn, "w3", [], True, 0.1) == ("job_a", 0, 4)
     time.sleep(0.2)  # lapsed, whatever the load: reap runs after it
-    assert units.reap(redis_conn) == {"job_a": 2}
+    assert units.reap(conn) == {"job_a": 2}
 
 
-def test_rows_are_written_once_and_the_cache_is_bounded(redis_conn):
-    register(redis_conn, "job_a", "t1", 3)
-    done = units.write_rows(redis_conn, {"job_a": [(0, "first", {"engine_rows": 1})]})
+def test_rows_are_written_once_and_the_cache_is_bounded(conn):
+    register(conn, "job_a", "t1", 3)
+    done = units.write_rows(conn, {"job_a": [(0, "first", {"engine_rows": 1})]})
     assert done == {"job_a": 1}
-    done = units.write_rows(redis_conn, {"job_a": [(0, "again", {}), (2, "x", {"engine_rows": 1})]})
+    done = units.write_rows(conn, {"job_a": [(0, "again", {}), (2, "x", {"engine_rows": 1})]})
     assert done == {"job_a": 2}
-    assert units.read_rows(redis_conn, "job_a") == {0: "first", 2: "x"}
-    assert units.written(redis_conn, "job_a", [0, 1, 2]) == {0, 2}
-    assert units.usage(redis_conn, "job_a")["engine_rows"] == 2
+    assert units.read_rows(conn, "job_a") == {0: "first", 2: "x"}
+    assert units.written(conn, "job_a", [0, 1, 2]) == {0, 2}
+    assert units.usage(conn, "job_a")["engine_rows"] == 2
 
     for k in range(5):
-        units.cache_put(redis_conn, "t1", {f"k{k}": {"text": str(k)}}, max_rows=3)
+        units.cache_put(conn, "t1", {f"k{k}": {"text": str(k)}}, max_rows=3)
         time.sleep(0.01)
-    assert units.cache_get(redis_conn, "t1", ["k0", "k1", "k2", "k3", "k4"]) == [
+    assert units.cache_get(conn, "t1", ["k0", "k1", "k2", "k3", "k4"]) == [
         None, None, {"text": "2"}, {"text": "3"}, {"text": "4"}
     ]  # fmt: skip
-    assert units.cache_get(redis_conn, "t2", ["k4"]) == [None]  # another tenant's cache
+    assert units.cache_get(conn, "t2", ["k4"]) == [None]  # another tenant's cache
 
 
 def test_old_specs_are_accepted_with_deprecated_fields():
@@ -191,23 +202,23 @@ def test_a_late_job_takes_the_freed_room_until_the_shares_are_equal(hf):
     assert running(loop) == {"late": 2, "early": 2}
 
 
-def test_a_unit_requeued_past_its_retries_fails_its_job(redis_conn):
+def test_a_unit_requeued_past_its_retries_fails_its_job(conn):
     """Every worker reaps lapsed leases; a unit whose workers kept dying is requeued
     RETRIES times, then its job ends failed (worker_lost), never running forever."""
     from workers import records
     from workers.teacher import TeacherWorker
 
-    rec = records.create(redis_conn, tenant="t1", type="distill", spec={}, queue="teacher")
-    records.transition(redis_conn, rec["id"], ("queued",), "running", started_at=time.time())
-    register(redis_conn, rec["id"], "t1", 4)
-    worker = TeacherWorker(redis_conn, name="reaper")
+    rec = records.create(conn, tenant="t1", type="distill", spec={}, queue="teacher")
+    records.transition(conn, rec["id"], ("queued",), "running", started_at=time.time())
+    register(conn, rec["id"], "t1", 4)
+    worker = TeacherWorker(conn, name="reaper")
     for attempt in range(units.RETRIES + 1):
-        assert units.claim(redis_conn, f"dead-{attempt}", [], True, lease=0.05)
+        assert units.claim(conn, f"dead-{attempt}", [], True, lease=0.05)
         time.sleep(0.1)  # its worker "died": the lease lapses
         worker._last_beat = 0.0
         worker.beat()
-        status = records.get(redis_conn, rec["id"])["status"]
+        status = records.get(conn, rec["id"])["status"]
         assert status == ("failed" if attempt == units.RETRIES else "running"), attempt
-    failed = records.get(redis_conn, rec["id"])
+    failed = records.get(conn, rec["id"])
     assert failed["error"]["code"] == "worker_lost"
-    assert not units.open_jobs(redis_conn)  # its unit state is gone
+    assert not units.open_jobs(conn)  # its unit state is gone
