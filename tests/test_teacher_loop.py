@@ -222,3 +222,23 @@ def test_a_unit_requeued_past_its_retries_fails_its_job(conn):
     failed = records.get(conn, rec["id"])
     assert failed["error"]["code"] == "worker_lost"
     assert not units.open_jobs(conn)  # its unit state is gone
+
+
+def test_a_cancelled_queued_job_is_never_claimed(conn, session_home, tiny_llama):
+    from api.datasets import save_dataset
+    from service.store import ArtifactStore
+    from workers import records
+    from workers.submit import Conflict, cancel, submit
+    from workers.teacher import TeacherWorker
+
+    store = ArtifactStore(session_home)
+    ds = save_dataset(store, "t1", b'{"instruction": "x", "output": "y"}\n', "r.jsonl")["id"]
+    job = submit(conn, store, "t1", "distill", DistillSpec(teacher=str(tiny_llama), dataset=ds))
+    assert units.open_jobs(conn) == [job["id"]]
+    assert cancel(conn, job)["status"] == "cancelled"
+    with pytest.raises(Conflict):
+        cancel(conn, records.get(conn, job["id"]))
+    assert units.claim(conn, "w", [], True, 30) is None  # never handed to a worker
+    TeacherWorker(conn, name="sweeper").beat()  # its unit state is cleaned up
+    assert not units.open_jobs(conn)
+    assert records.get(conn, job["id"])["started_at"] is None
