@@ -108,8 +108,11 @@ def test_one_worker_serves_many_jobs_at_once(redis_server, session_home, tiny_ll
         svc.wait(svc.submit("t1", svc.dataset("t1", 2, "warm"), max_new_tokens=4))
 
         # Concurrent small jobs share the engine's batch.
-        small = [svc.submit(t, svc.dataset(t, 4, f"s{k}"), max_new_tokens=16)
-                 for k, t in enumerate(["t1", "t2"] * 4)]  # fmt: skip
+        # Uploads first, then the submissions back to back (a fast machine finishes a
+        # 4-row job in a fraction of a second).
+        tenants = ["t1", "t2"] * 4
+        sets = [svc.dataset(t, 4, f"s{k}") for k, t in enumerate(tenants)]
+        small = [svc.submit(t, ds, max_new_tokens=16) for t, ds in zip(tenants, sets, strict=True)]
         recs = svc.wait(*small)
         assert all(r["status"] == "succeeded" for r in recs), [r["error"] for r in recs]
         assert max(r["metrics"]["peak_jobs_in_batch"] for r in recs) >= 3

@@ -33,9 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -614,11 +612,3 @@ class TeacherWorker:
 
 def run(conn: redis.Redis, name: str | None = None, burst: bool = False) -> None:
     TeacherWorker(conn, name=name).run(burst=burst)
-
-
-def host() -> str:
-    return socket.gethostname()
-
-
-if __name__ == "__main__":  # pragma: no cover - `distillery worker --queues teacher`
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")

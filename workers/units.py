@@ -323,11 +323,6 @@ def open_jobs(conn: redis.Redis) -> list[str]:
     return sorted(m.decode() for m in conn.smembers(OPEN))
 
 
-def leases_of(conn: redis.Redis, job_id: str) -> list[str]:
-    lo = f"{job_id}|".encode()
-    return [m.decode() for m in conn.zrangebylex(LEASES, b"[" + lo, b"[" + lo + b"\xff")]
-
-
 # -- the rewrite cache ----------------------------------------------------------------
 
 
