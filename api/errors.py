@@ -10,7 +10,6 @@ JSON logs), where an operator finds them."""
 from __future__ import annotations
 
 import logging
-import uuid
 
 import redis
 from fastapi import FastAPI, Request
@@ -18,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import DistilleryError
+from service.errors import DistilleryError, new_error_id
 from service.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
@@ -66,10 +65,6 @@ def error_response(
         }
     }
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def new_error_id() -> str:
-    return f"err_{uuid.uuid4().hex[:16]}"
 
 
 def install(app: FastAPI) -> None:

@@ -30,7 +30,7 @@ from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 
 from workers import stats
-from workers.submit import QUEUES
+from workers.lifecycle import QUEUES
 
 
 def _text(v) -> str:

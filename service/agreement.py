@@ -74,7 +74,7 @@ def load_prompts(
     if dataset:
         return [r.prompt for r in load_rows(dataset, limit=n)], dataset
     try:
-        from service.evaluate import resolve_data_dir
+        from service.settings import resolve_data_dir
 
         gsm8k = resolve_data_dir(data_dir) / "gsm8k" / "test.jsonl"
     except Exception:  # no data folder configured or present

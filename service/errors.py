@@ -3,6 +3,7 @@ map it to a status and a JSON body without knowing the details."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 
@@ -63,3 +64,8 @@ class DatasetError(DistilleryError):
             f"{self.summary}: {shown}{more}" if shown else self.summary,
             [e.as_dict() for e in self.errors],
         )
+
+
+def new_error_id() -> str:
+    """The id that ties an error a client sees to the server's log lines about it."""
+    return f"err_{uuid.uuid4().hex[:16]}"

@@ -33,26 +33,9 @@ from typing import Any
 from service.errors import DistilleryError, ModelError
 from service.models import pick_device, pick_dtype, resolve_model
 from service.progress import Reporter
-from service.settings import get_settings
+from service.settings import get_settings, resolve_data_dir
 from service.specs import EvaluateSpec
 from service.tasks.configs import MAIN_METRIC, data_files, task_name, write_task_configs
-
-PROJECT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def resolve_data_dir(data_dir: Path | None = None) -> Path:
-    """The folder of task files: the argument, DISTILLERY_EVAL_DATA, or ../shared/data."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser().resolve()
-    configured = get_settings().eval_data
-    if configured is not None:
-        return Path(configured).expanduser().resolve()
-    if PROJECT_DATA.is_dir():
-        return PROJECT_DATA
-    raise DistilleryError(
-        "no evaluation data: pass --data-dir or set DISTILLERY_EVAL_DATA to the folder "
-        f"holding arc_easy/, piqa/, ... (default {PROJECT_DATA} does not exist)"
-    )
 
 
 def check_data(tasks: list[str], data_dir: Path) -> None:

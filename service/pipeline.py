@@ -18,72 +18,15 @@ from pathlib import Path
 from service.errors import SpecError
 from service.evaluate import retention
 from service.progress import Reporter
-from service.specs import DistillSpec, EvaluateSpec, FinetuneSpec, PipelineSpec, PruneSpec
-
-
-def step_specs(spec: PipelineSpec, out: Path) -> dict:
-    """The child specs of a pipeline; the service builds its RQ jobs from the same."""
-    pruned, distilled, recovered = out / "pruned", out / "distilled.jsonl", out / "recovered"
-    return {
-        "prune": PruneSpec(
-            model=spec.model,
-            calibration=spec.calibration or spec.dataset,
-            blocks=spec.blocks,
-            metric=spec.metric,
-            samples=spec.samples,
-            seed=spec.seed,
-        ),
-        "distill": DistillSpec(
-            teacher=spec.model,
-            dataset=spec.dataset,
-            template=spec.template,
-            limit=spec.limit,
-            max_new_tokens=spec.max_new_tokens,
-            engine=spec.engine,
-            dtype=spec.dtype,
-            seed=spec.seed,
-        ),
-        "finetune": FinetuneSpec(
-            model=str(pruned),
-            dataset=str(distilled),
-            lora_rank=spec.lora_rank,
-            lora_alpha=spec.lora_alpha,
-            target_modules=spec.lora_targets,
-            lr=spec.lr,
-            epochs=spec.epochs,
-            seed=spec.seed,
-            # Logit distillation from the unpruned model, when asked (bench/recovery.py).
-            **({"teacher": spec.model, "kd_weight": spec.kd_weight} if spec.kd_weight else {}),
-        ),
-        "evaluate": {
-            name: EvaluateSpec(
-                model=ref,
-                tasks=spec.tasks,
-                limit=spec.eval_limit,
-                # Agreement with the unpruned teacher, for the pruned and recovered models.
-                teacher=spec.model if name != "baseline" and spec.agreement_prompts else None,
-                agreement_prompts=max(spec.agreement_prompts, 1),
-                agreement_max_new_tokens=spec.agreement_max_new_tokens,
-                speedup_prompts=0,
-            )
-            for name, ref in (
-                ("baseline", spec.model),
-                ("pruned", str(pruned)),
-                ("recovered", str(recovered)),
-            )
-        },
-    }
-
-
-def _load_or(path: Path, make) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return make()
+from service.specs import PipelineSpec
+from service.steps import EVALUATED, Step, evaluate_step, pipeline_steps, run_folder_ref
 
 
 def run_pipeline(
     spec: PipelineSpec, out: Path, reporter: Reporter | None = None, data_dir: Path | None = None
 ) -> dict:
+    """Run the steps of ``service.steps`` in order, each skipped when its result is in
+    ``out`` already; return the summary."""
     from service.distill import run_distill
     from service.evaluate import run_evaluate
     from service.finetune import run_finetune
@@ -96,50 +39,28 @@ def run_pipeline(
     if spec_file.is_file() and json.loads(spec_file.read_text()) != spec.model_dump(mode="json"):
         raise SpecError(f"{out} holds a run of another spec; use a new --out")
     spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-    steps = step_specs(spec, out)
+
+    def run(step: Step) -> dict:
+        product = out / step.output
+        if step.type == "prune":
+            return run_prune(step.spec, product, reporter)
+        if step.type == "distill":
+            return _save(out / step.done, run_distill(step.spec, product, reporter))
+        if step.type == "finetune":
+            return run_finetune(step.spec, product, reporter, resume=True)
+        return run_evaluate(step.spec, product, reporter, data_dir=data_dir)
+
+    results: dict[str, dict] = {}
     times: dict[str, float] = {}
-
-    def timed(name: str, fn):
+    for step in pipeline_steps(spec, run_folder_ref(out)):
+        if step.type == "report":
+            continue
         t0 = time.monotonic()
-        reporter.event(f"step {name}")
-        result = fn()
-        times[name] = round(time.monotonic() - t0, 1)
-        return result
-
-    prune = timed(
-        "prune",
-        lambda: _load_or(
-            out / "pruned" / "prune_report.json",
-            lambda: run_prune(steps["prune"], out / "pruned", reporter),
-        ),
-    )
-    distill = timed(
-        "distill",
-        lambda: _load_or(
-            out / "distill_summary.json",
-            lambda: _save(
-                out / "distill_summary.json",
-                run_distill(steps["distill"], out / "distilled.jsonl", reporter),
-            ),
-        ),
-    )
-    finetune = timed(
-        "finetune",
-        lambda: _load_or(
-            out / "recovered" / "train_log.json",
-            lambda: run_finetune(steps["finetune"], out / "recovered", reporter, resume=True),
-        ),
-    )
-    evals = {}
-    for name, espec in steps["evaluate"].items():
-        path = out / f"eval_{name}.json"
-        evals[name] = timed(
-            f"evaluate {name}",
-            lambda espec=espec, path=path: _load_or(
-                path, lambda: run_evaluate(espec, path, reporter, data_dir=data_dir)
-            ),
-        )
-    summary = build_summary(spec.model_dump(mode="json"), prune, distill, finetune, evals, times)
+        reporter.event(f"step {step.name}")
+        done = out / step.done
+        results[step.name] = json.loads(done.read_text()) if done.is_file() else run(step)
+        times[step.name] = round(time.monotonic() - t0, 1)
+    summary = build_summary(spec.model_dump(mode="json"), results, times)
     _save(out / "summary.json", summary)
     from service.report import run_report
 
@@ -147,11 +68,11 @@ def run_pipeline(
     return summary
 
 
-def build_summary(
-    spec: dict, prune: dict, distill: dict, finetune: dict, evals: dict, seconds: dict
-) -> dict:
-    """The run's summary from its steps' results (the CLI pipeline and the service's
-    pipeline job both build it here, so ``print_table`` reads either)."""
+def build_summary(spec: dict, results: dict[str, dict], seconds: dict) -> dict:
+    """The run's summary from its steps' results, by step name (the CLI pipeline and the
+    service's pipeline job both build it here, so ``print_table`` reads either)."""
+    prune, distill, finetune = (results[k] for k in ("prune", "distill", "finetune"))
+    evals = {m: results[evaluate_step(m)] for m in EVALUATED}
     summary = {
         "spec": spec,
         "removed_layers": prune["removed_layers"],
@@ -182,20 +103,6 @@ def build_summary(
                 "acceptance_rate": (spec_dec or {}).get("acceptance_rate"),
             }
     return summary
-
-
-def write_run_dir(
-    out: Path, spec: dict, prune: dict, distill: dict, evals: dict, summary: dict
-) -> None:
-    """Lay out a run folder the way ``run_pipeline`` does (what ``run_report`` reads), from
-    step results held elsewhere (the service keeps them in job records)."""
-    (out / "pruned").mkdir(parents=True, exist_ok=True)
-    _save(out / "pruned" / "prune_report.json", prune)
-    _save(out / "pipeline_spec.json", spec)
-    _save(out / "distill_summary.json", distill)
-    for name, e in evals.items():
-        _save(out / f"eval_{name}.json", e)
-    _save(out / "summary.json", summary)
 
 
 def _save(path: Path, obj: dict) -> dict:

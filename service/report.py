@@ -310,22 +310,20 @@ def section_flops(flops: dict | None) -> list[Block]:
 
 
 def _step_specs(pipeline_spec: dict | None) -> dict:
-    """The child specs the pipeline ran (service/pipeline.py step_specs), by step."""
+    """The specs of the steps the pipeline ran (``service.steps``), by step name."""
     if not pipeline_spec:
         return {}
-    from service.pipeline import step_specs
     from service.specs import PipelineSpec
+    from service.steps import pipeline_steps, run_folder_ref
 
     try:
         # Paths relative to the run folder ("pruned", "distilled.jsonl"): the report sits
         # in it, and the service builds it in a temporary folder whose path means nothing
         # to the reader.
-        steps = step_specs(PipelineSpec(**pipeline_spec), Path("."))
+        steps = pipeline_steps(PipelineSpec(**pipeline_spec), run_folder_ref(Path(".")))
     except Exception:  # a spec of another version: show what the files say instead
         return {}
-    out = {k: v.model_dump(mode="json") for k, v in steps.items() if k != "evaluate"}
-    out.update({f"evaluate {n}": v.model_dump(mode="json") for n, v in steps["evaluate"].items()})
-    return out
+    return {s.name: s.spec.model_dump(mode="json") for s in steps if s.spec is not None}
 
 
 def section_specs(run_dir: Path, d: dict) -> list[Block]:
@@ -413,3 +411,40 @@ def run_report(run_dir: Path, name: str | None = None) -> dict:
         "missing": [name for name, blocks in sections if blocks[0][0] == "na"],
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def write_pipeline_report(
+    store, run_id: str, pipeline: dict, results: dict, summary: dict, artifacts: dict
+) -> str:
+    """The service's pipeline report: a ``run`` artifact holding the run folder (laid out
+    as ``run_pipeline`` lays it out, from the steps' results) and its report (HTML,
+    markdown, plots), served at GET /v1/jobs/{id}/report. ``pipeline`` is its record."""
+    import shutil
+
+    parents = [a for a in artifacts.values() if a]
+    with store.create("run", artifact_id=run_id, tenant=pipeline["tenant"],
+                      job_id=pipeline["id"], parents=parents) as tmp:  # fmt: skip
+        write_run_dir(tmp, pipeline["spec"], results, summary)
+        recovered = artifacts.get("recovered")
+        if recovered:
+            log = store.path("model", recovered) / "model" / "train_log.json"
+            if log.is_file():
+                (tmp / "recovered").mkdir(exist_ok=True)
+                shutil.copy(log, tmp / "recovered" / "train_log.json")
+        run_report(tmp, name=pipeline["id"])
+    return run_id
+
+
+def write_run_dir(out: Path, spec: dict, results: dict[str, dict], summary: dict) -> None:
+    """Lay out a run folder the way ``run_pipeline`` does (what ``run_report`` reads), from
+    step results held elsewhere (the service keeps them in job records). The fine-tune's
+    result is its training log, which the service copies from the model."""
+    from service.specs import PipelineSpec
+    from service.steps import pipeline_steps, run_folder_ref
+
+    for step in pipeline_steps(PipelineSpec(**spec), run_folder_ref(out)):
+        if step.done and step.type != "finetune" and step.name in results:
+            (out / step.done).parent.mkdir(parents=True, exist_ok=True)
+            (out / step.done).write_text(json.dumps(results[step.name], indent=2, default=str))
+    for name, doc in (("pipeline_spec.json", spec), ("summary.json", summary)):
+        (out / name).write_text(json.dumps(doc, indent=2, default=str))

@@ -10,6 +10,11 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.errors import DistilleryError
+
+# The evaluation sets beside the project (../shared/data), when nothing else is named.
+PROJECT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTILLERY_", extra="ignore")
@@ -181,3 +186,18 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def resolve_data_dir(data_dir: Path | None = None) -> Path:
+    """The folder of task files: the argument, DISTILLERY_EVAL_DATA, or ../shared/data."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser().resolve()
+    configured = get_settings().eval_data
+    if configured is not None:
+        return Path(configured).expanduser().resolve()
+    if PROJECT_DATA.is_dir():
+        return PROJECT_DATA
+    raise DistilleryError(
+        "no evaluation data: pass --data-dir or set DISTILLERY_EVAL_DATA to the folder "
+        f"holding arc_easy/, piqa/, ... (default {PROJECT_DATA} does not exist)"
+    )

@@ -22,7 +22,7 @@ def read_settings(path):
 def test_an_unexpected_job_error_gives_the_client_an_id_and_the_log_the_trace(tmp_path):
     from service import logs
     from service.errors import ModelError
-    from workers.execute import error_doc
+    from workers.lifecycle import error_doc
 
     stream = io.StringIO()
     logs.configure(fmt="json", level="INFO", stream=stream)

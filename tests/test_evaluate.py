@@ -15,7 +15,8 @@ import torch
 from conftest import SHARED_DATA
 
 from service.errors import CancelledError, DistilleryError
-from service.evaluate import resolve_data_dir, retention, run_evaluate
+from service.evaluate import retention, run_evaluate
+from service.settings import resolve_data_dir
 from service.specs import TASKS, EvaluateSpec
 from service.tasks.configs import TASKS as TASK_CONFIGS
 from service.tasks.configs import data_files, task_name, write_task_configs

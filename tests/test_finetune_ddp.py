@@ -84,7 +84,7 @@ def test_a_trainer_worker_runs_a_finetune_job_under_torchrun(
     from service.store import ArtifactStore
     from tests.redis_fixture import own_db, stop_process, wait_for
     from workers import records
-    from workers.submit import submit
+    from workers.lifecycle import submit
 
     url, conn = own_db(redis_server, 9)
     store = ArtifactStore(session_home)
@@ -140,7 +140,7 @@ def test_torchrun_ranks_exit_when_their_trainer_worker_dies(
     from service.store import ArtifactStore
     from tests.redis_fixture import own_db, stop_process, wait_for
     from workers import records
-    from workers.submit import submit
+    from workers.lifecycle import submit
 
     url, conn = own_db(redis_server, 10)
     store = ArtifactStore(session_home)

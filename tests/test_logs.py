@@ -78,7 +78,7 @@ def test_a_worker_logs_json_with_job_and_tenant(redis_server, session_home, tiny
     from service.specs import DistillSpec
     from service.store import ArtifactStore, new_id
     from tests.redis_fixture import own_db
-    from workers.submit import submit
+    from workers.lifecycle import submit
 
     url, conn = own_db(redis_server, 7)
     store = ArtifactStore(session_home)

@@ -70,9 +70,31 @@ def test_retention_arithmetic():
     assert r["mean"] == pytest.approx(0.75)
 
 
-def test_kd_weight_makes_the_unpruned_model_the_fine_tune_teacher(tmp_path):
-    from service.pipeline import step_specs
+def step_specs(spec: PipelineSpec, out) -> dict:
+    from service.steps import pipeline_steps, run_folder_ref
 
+    return {s.name: s.spec for s in pipeline_steps(spec, run_folder_ref(out))}
+
+
+def test_the_step_graph_runs_each_step_after_what_it_needs_and_names_products_by_ref():
+    """One graph for running, queueing and reporting: the same names, the products of
+    earlier steps named by whatever ``ref`` gives (a path, a job id)."""
+    from service.steps import NAMES, pipeline_steps
+
+    steps = pipeline_steps(PipelineSpec(model="m", dataset="d"), ref=lambda n: f"<{n}>")
+    assert tuple(s.name for s in steps) == NAMES
+    seen: set[str] = set()
+    for step in steps:
+        assert set(step.needs) <= seen, f"{step.name} runs before what it needs"
+        seen.add(step.name)
+    by = {s.name: s for s in steps}
+    assert (by["finetune"].spec.model, by["finetune"].spec.dataset) == ("<prune>", "<distill>")
+    assert by["evaluate recovered"].spec.model == "<finetune>"
+    assert by["evaluate baseline"].spec.model == "m" and by["evaluate baseline"].needs == ()
+    assert by["report"].spec is None and len(by["report"].needs) == 3
+
+
+def test_kd_weight_makes_the_unpruned_model_the_fine_tune_teacher(tmp_path):
     plain = step_specs(PipelineSpec(model="m", dataset="d"), tmp_path)["finetune"]
     assert plain.teacher is None
     kd = step_specs(PipelineSpec(model="m", dataset="d", kd_weight=0.5), tmp_path)["finetune"]
@@ -81,8 +103,6 @@ def test_kd_weight_makes_the_unpruned_model_the_fine_tune_teacher(tmp_path):
 
 def test_the_pipeline_adapts_every_projection_at_rank_16(tmp_path):
     """The measured default (docs/results.md), not FinetuneSpec's SDFT default."""
-    from service.pipeline import step_specs
-
     ft = step_specs(PipelineSpec(model="m", dataset="d"), tmp_path)["finetune"]
     assert (ft.lora_rank, ft.lora_alpha) == (16, 32)
     assert set(ft.target_modules) == {

@@ -73,7 +73,7 @@ def test_a_killed_trainer_worker_resumes_from_its_checkpoint(
     from service.store import ArtifactStore
     from tests.redis_fixture import stop_process
     from workers import records
-    from workers.submit import submit
+    from workers.lifecycle import submit
 
     url, conn = own_db(redis_server, 7)
     store = ArtifactStore(session_home)
@@ -148,7 +148,7 @@ def test_a_job_whose_worker_dies_with_no_retry_left_ends_failed(
     from service.store import ArtifactStore
     from tests.redis_fixture import stop_process
     from workers import records
-    from workers.submit import submit
+    from workers.lifecycle import submit
 
     url, conn = own_db(redis_server, 8)
     store = ArtifactStore(session_home)
@@ -189,8 +189,8 @@ def test_a_redis_restart_mid_job_loses_no_record_or_event(session_home, tiny_lla
     from tests.redis_fixture import stop_process
     from workers import records
     from workers.keys import create_key, tenant_for
+    from workers.lifecycle import submit
     from workers.redis_server import start_redis
-    from workers.submit import submit
 
     server = start_redis(tmp_path / "redis")
     url = server.url

@@ -228,7 +228,7 @@ def test_a_cancelled_queued_job_is_never_claimed(conn, session_home, tiny_llama)
     from api.datasets import save_dataset
     from service.store import ArtifactStore
     from workers import records
-    from workers.submit import Conflict, cancel, submit
+    from workers.lifecycle import Conflict, cancel, submit
     from workers.teacher import TeacherWorker
 
     store = ArtifactStore(session_home)

@@ -65,7 +65,7 @@ class Service:
 
     def submit(self, tenant: str, ds: str, **spec) -> str:
         from service.specs import DistillSpec
-        from workers.submit import submit
+        from workers.lifecycle import submit
 
         spec = DistillSpec(teacher=self.teacher, dataset=ds, dtype="float32", **spec)
         return submit(self.conn, self.store, tenant, "distill", spec)["id"]
@@ -98,7 +98,7 @@ class Service:
 def test_one_worker_serves_many_jobs_at_once(redis_server, session_home, tiny_llama, tmp_path):
     from service.store import ArtifactStore
     from tests.redis_fixture import own_db, start_worker, stop_process, wait_for
-    from workers.submit import cancel
+    from workers.lifecycle import cancel
 
     url, conn = own_db(redis_server, 8)
     svc = Service(conn, ArtifactStore(session_home), str(tiny_llama))

@@ -45,7 +45,7 @@ def test_status_moves_only_along_the_lifecycle(redis_conn):
 
 def test_reporter_throttles_progress_and_sees_cancel(redis_conn):
     from workers import records
-    from workers.reporter import JobTimeout, RecordReporter
+    from workers.lifecycle import JobTimeout, RecordReporter
 
     job = records.create(redis_conn, tenant="t", type="distill", spec={}, queue="teacher")
     rep = RecordReporter(redis_conn, job["id"], every=0.5, event_every=1.0)
@@ -121,7 +121,7 @@ def test_a_job_whose_worker_dies_resumes(redis_server, session_home, tiny_llama,
     from service.store import ArtifactStore
     from tests.redis_fixture import own_db, stop_process, wait_for
     from workers import records, units
-    from workers.submit import submit
+    from workers.lifecycle import submit
 
     url, conn = own_db(redis_server, 6)
     store = ArtifactStore(session_home)

@@ -7,8 +7,14 @@ engine loop (``workers/teacher.py``).
   OOM killer) fails the job, not the worker, and a cancel that the child does not honour
   at its next step within DISTILLERY_CANCEL_GRACE seconds terminates it.
 
-``on_rq_failure`` runs when RQ itself gives up on or retries a job (a worker stopped or
-died mid-job): it puts the record back to ``queued`` when RQ retries, else fails it.
+Why our own child rather than RQ's work horse (RQ's ``Worker`` forks one per job, kills
+it on ``job_timeout`` and fails the job when it dies): a fork of a process that has
+loaded torch and its thread pools is unsafe, a multi-GPU fine-tune must start under
+torchrun (one process per rank), a cancel gets DISTILLERY_CANCEL_GRACE seconds to stop at
+its next step before it is killed, and a child exits when its worker dies
+(``workers/child.py``), which RQ's horse does not. The rest is RQ's: the worker
+(``SimpleWorker``, so RQ forks nothing), dependencies, retries and abandoned-job handling
+(``workers.lifecycle.on_rq_failure``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +31,8 @@ from rq import get_current_job
 
 from service.settings import get_settings
 from workers import records
-from workers.execute import SPECS, StepFailed, end, execute
+from workers.execute import SPECS, StepFailed, execute
+from workers.lifecycle import end
 
 log = logging.getLogger("distillery.worker")
 
@@ -42,15 +48,6 @@ def _no_retry() -> None:
     job = get_current_job()
     if job is not None:
         job.retries_left = 0
-
-
-def teacher_workers_here(conn: redis.Redis) -> int:
-    """Teacher workers registered from this host, this one included."""
-    from rq import Queue, Worker
-
-    host = socket.gethostname()
-    workers = Worker.all(queue=Queue("teacher", connection=conn))
-    return max(1, sum(1 for w in workers if w.hostname == host))
 
 
 def train_job(job_id: str, job_type: str, spec: dict) -> str:
@@ -151,29 +148,3 @@ def supervise_child(conn: redis.Redis, job_id: str, job_type: str, poll: float =
     }
     end(conn, job, "failed", error=error)
     return "failed"
-
-
-def on_rq_failure(job, connection: redis.Redis, exc_type, exc_value, tb) -> None:
-    """RQ failure callback: also called for abandoned jobs (their worker died)."""
-    rec = records.get(connection, job.id)
-    if rec is None or rec["status"] in records.TERMINAL:
-        return  # the job function already settled its record
-    if job.retries_left:
-        if records.transition(connection, job.id, ("running",), "queued"):
-            records.add_event(
-                connection,
-                job.id,
-                f"worker stopped mid-job ({exc_type.__name__}); requeued to resume",
-                level="warning",
-            )
-        return
-    end(
-        connection,
-        rec,
-        "failed",
-        error={
-            "code": "worker_lost",
-            "message": f"the worker stopped during the job and retries ran out ({exc_type.__name__})",
-            "where": "rq",
-        },
-    )

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ from service.errors import DistilleryError
 from service.settings import get_settings
 from service.specs import DistillSpec
 from workers import records, units
+from workers.lifecycle import RecordReporter, end, error_doc, pipeline_of
+from workers.outputs import artifact_id_for, register_outputs, resolve_job_refs, work_dir
 
 log = logging.getLogger("distillery.worker")
 
@@ -137,6 +140,15 @@ def drop_rq_job(conn: redis.Redis, job_id: str) -> None:
         pass
 
 
+def teacher_workers_here(conn: redis.Redis) -> int:
+    """Teacher workers registered from this host, this one included."""
+    from rq import Queue, Worker
+
+    host = socket.gethostname()
+    workers = Worker.all(queue=Queue("teacher", connection=conn))
+    return max(1, sum(1 for w in workers if w.hostname == host))
+
+
 class TeacherWorker:
     def __init__(self, conn: redis.Redis, name: str | None = None):
         from rq import Worker
@@ -162,7 +174,6 @@ class TeacherWorker:
 
     def run(self, burst: bool = False) -> None:
         from service.models import apply_threads
-        from workers.jobs import teacher_workers_here
 
         self.rq.register_birth()
         # The teacher workers of one host share its cores (unless DISTILLERY_THREADS says).
@@ -210,7 +221,6 @@ class TeacherWorker:
         return True
 
     def engine_failed(self, exc: Exception) -> None:
-        from workers.execute import error_doc
 
         log.exception("teacher engine step failed")
         for job_id in list(self.jobs):
@@ -321,14 +331,11 @@ class TeacherWorker:
 
     def _job_ctx(self, job_id: str, rec: dict, meta: dict) -> JobCtx | None:
         from service.datasets import dataset_path, read_dataset
-        from workers.execute import _pipeline_of, error_doc
-        from workers.outputs import resolve_job_refs
-        from workers.reporter import RecordReporter
 
         now = time.time()
         if records.transition(self.conn, job_id, ("queued",), "running", started_at=now,
                               attempts=1, data={"attempt": 1}):  # fmt: skip
-            pipeline = _pipeline_of(self.conn, rec)
+            pipeline = pipeline_of(self.conn, rec)
             if pipeline:
                 records.transition(self.conn, pipeline, ("queued",), "running", started_at=now)
                 records.add_event(self.conn, pipeline, f"{rec['step']}: running",
@@ -347,7 +354,7 @@ class TeacherWorker:
             return None
         timeout = self.settings.job_timeout
         started = rec["started_at"] or now
-        reporter = RecordReporter(self.conn, job_id, forward_to=_pipeline_of(self.conn, rec),
+        reporter = RecordReporter(self.conn, job_id, forward_to=pipeline_of(self.conn, rec),
                                   step=rec["step"] or "distill")  # fmt: skip
         ctx = JobCtx(rec, spec, rows, meta["total"], meta["interactive"], reporter,
                      deadline=started + timeout if timeout > 0 else None)  # fmt: skip
@@ -379,8 +386,6 @@ class TeacherWorker:
             try:
                 self.take(ctx, job_id, lo, hi, member)
             except Exception as exc:  # this job's own trouble (a row vLLM refuses, ...)
-                from workers.execute import error_doc
-
                 units.release(self.conn, [member], requeue=False)
                 self.fail(job_id, error_doc(exc, "distill"))
 
@@ -495,7 +500,6 @@ class TeacherWorker:
                 self.drop(job_id)
             elif cancel and cancel not in (b"0", b""):
                 self.drop(job_id)
-                from workers.execute import end
 
                 ctx.reporter.flush()
                 end(self.conn, ctx.rec, "cancelled")
@@ -516,7 +520,6 @@ class TeacherWorker:
         self.jobs.pop(job_id, None)
 
     def fail(self, job_id: str, error: dict) -> None:
-        from workers.execute import end
 
         self.drop(job_id)
         rec = records.get(self.conn, job_id)
@@ -531,8 +534,6 @@ class TeacherWorker:
         """Assemble a job whose rows are all written into its dataset and end it."""
         from service.distill import Finished, summarise
         from service.store import ArtifactStore, NotFound
-        from workers.execute import end, error_doc
-        from workers.outputs import artifact_id_for, register_outputs, work_dir
 
         lock = f"{units.P}:finishing:{job_id}"
         if not self.conn.set(lock, self.name, nx=True, ex=FINISH_LOCK):

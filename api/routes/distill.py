@@ -25,8 +25,8 @@ from api.routes.jobs import check_capacity, job_public
 from api.schemas import DistillRequest, DistillResponse
 from service.specs import DistillSpec
 from workers import records
+from workers.lifecycle import submit
 from workers.outputs import check_api_refs
-from workers.submit import submit
 
 router = APIRouter(tags=["distill"])
 MAX_WAIT = 600.0

@@ -14,7 +14,7 @@ from rq import Queue, Worker
 from api import metrics as prom
 from api.deps import RedisDep
 from api.schemas import Readiness
-from workers.submit import QUEUES
+from workers.lifecycle import QUEUES
 
 router = APIRouter(tags=["health"])
 

@@ -32,8 +32,8 @@ from service.report_render import inline_images
 from service.settings import get_settings
 from service.store import ArtifactStore, NotFound
 from workers import records
+from workers.lifecycle import body_hash, cancel, reserve_idempotency_key, submit
 from workers.outputs import check_api_refs
-from workers.submit import body_hash, cancel, reserve_idempotency_key, submit
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
