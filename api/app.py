@@ -13,12 +13,12 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from api import errors
+from api.keys import add_key
 from api.request_log import RequestLog
 from api.routes import datasets, distill, health, jobs, models
 from service import logs
 from service.settings import get_settings
-from workers.keys import add_key
-from workers.redis_server import configured_url
+from workers.connect import configured_url
 
 DESCRIPTION = """Recover the quality of layer-pruned LLMs by self-data distillation.
 

@@ -122,7 +122,7 @@ def _redis_for(args: argparse.Namespace):
     import redis
 
     from service.settings import get_settings
-    from workers.redis_server import configured_url
+    from workers.connect import configured_url
 
     url = args.redis_url or configured_url(get_settings().home_dir())
     if not url:
@@ -132,7 +132,7 @@ def _redis_for(args: argparse.Namespace):
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from workers.keys import create_key, revoke_key
+    from api.keys import create_key, revoke_key
 
     conn = _redis_for(args)
     if conn is None:
@@ -161,17 +161,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     """Bring a local model directory into a tenant's space in the store: API callers
     name models by id, never by a path on the server."""
+    from api.keys import TENANT_RE
     from service.errors import DistilleryError
     from service.store import ArtifactStore
-    from workers.keys import TENANT_RE
-    from workers.outputs import import_model
 
     if not TENANT_RE.match(args.tenant):
         print(f"error: bad tenant {args.tenant!r}", file=sys.stderr)
         return 2
     try:
-        manifest = import_model(
-            ArtifactStore.from_settings(), args.tenant, args.path, name=args.name
+        manifest = ArtifactStore.from_settings().import_model(
+            args.tenant, args.path, name=args.name
         )
     except DistilleryError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

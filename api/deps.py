@@ -16,10 +16,10 @@ import redis.asyncio as aredis
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.keys import alookup
 from service import logs
 from service.settings import Settings, get_settings
 from service.store import ArtifactStore
-from workers.keys import ADMIN_SET, KEYS_HASH, hash_key
 
 
 async def settings() -> Settings:
@@ -85,15 +85,11 @@ async def get_caller(
         raise HTTPException(
             401, "missing API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
         )
-    digest = hash_key(credentials.credentials)
-    async with conn.pipeline(transaction=False) as p:
-        p.hget(KEYS_HASH, digest)
-        p.sismember(ADMIN_SET, digest)
-        tenant, admin = await p.execute()
+    tenant, admin = await alookup(conn, credentials.credentials)
     if tenant is None:
         raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
-    logs.bind(tenant=tenant.decode())  # the request's log line names the tenant
-    return Caller(tenant.decode(), bool(admin))
+    logs.bind(tenant=tenant)  # the request's log line names the tenant
+    return Caller(tenant, admin)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -5,7 +5,7 @@
 The API does none of the work it reports on: jobs run in worker processes on any
 machine. So nothing here counts in memory; :class:`DistilleryCollector` (a
 prometheus-client custom collector) reads Redis on every scrape: the job counts,
-durations and generated totals the workers keep (``workers/stats.py``), RQ's queues and
+durations and generated totals the workers keep (``workers/counters.py``), RQ's queues and
 worker registrations, and the progress of running jobs. Any number of API replicas
 answer the same figures. There are no tenant labels: the figures are the service's,
 and tenants' ids would make the series unbounded.
@@ -26,11 +26,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from rq import Queue, Worker
-from rq.registry import StartedJobRegistry
 
-from workers import stats
-from workers.lifecycle import QUEUES
+from workers import counters
+from workers.lifecycle import queue_state
 
 
 def _text(v) -> str:
@@ -46,7 +44,7 @@ class DistilleryCollector(Collector):
         jobs = GaugeMetricFamily(
             "distillery_jobs", "Job records by type and status.", labels=["type", "status"]
         )
-        for field, n in sorted(conn.hgetall(stats.JOBS_KEY).items()):
+        for field, n in sorted(conn.hgetall(counters.JOBS_KEY).items()):
             typ, status = _text(field).split("|", 1)
             jobs.add_metric([typ, status], int(n))
         yield jobs
@@ -62,16 +60,15 @@ class DistilleryCollector(Collector):
             "Live workers listening on each queue (a dead one drops out after its heartbeat TTL).",
             labels=["queue"],
         )
-        for name in QUEUES:
-            q = Queue(name, connection=conn)
-            depth.add_metric([name], q.count)
-            running.add_metric([name], StartedJobRegistry(queue=q).count)
-            workers.add_metric([name], len(Worker.all(queue=q)))
+        for name, q in queue_state(conn).items():
+            depth.add_metric([name], q["queued"])
+            running.add_metric([name], q["running"])
+            workers.add_metric([name], q["workers"])
         yield depth
         yield running
         yield workers
 
-        generated = {_text(k): int(v) for k, v in conn.hgetall(stats.GENERATED_KEY).items()}
+        generated = {_text(k): int(v) for k, v in conn.hgetall(counters.GENERATED_KEY).items()}
         yield CounterMetricFamily(
             "distillery_generated_rows",
             "Rows written by succeeded distill jobs.",
@@ -98,7 +95,7 @@ class DistilleryCollector(Collector):
     def _tokens_per_second(self) -> Metric:
         """The summed current rate of the running jobs that report one (distill jobs
         report the teacher's, finetune jobs the trainer's)."""
-        keys = sorted(self.conn.smembers(stats.RUNNING_KEY))
+        keys = sorted(self.conn.smembers(counters.RUNNING_KEY))
         p = self.conn.pipeline(transaction=False)
         for key in keys:
             p.hmget(key, "type", "status", "progress")
@@ -126,11 +123,11 @@ class DistilleryCollector(Collector):
             "Seconds from start to finish of jobs, by type and final status.",
             labels=["type", "status"],
         )
-        raw = {_text(k): float(v) for k, v in self.conn.hgetall(stats.DURATIONS_KEY).items()}
+        raw = {_text(k): float(v) for k, v in self.conn.hgetall(counters.DURATIONS_KEY).items()}
         names = sorted({k.rsplit("|", 1)[0] for k in raw})
         for name in names:
             cumulative, buckets = 0.0, []
-            for bound in [*map(float, stats.DURATION_BUCKETS), "+Inf"]:
+            for bound in [*map(float, counters.DURATION_BUCKETS), "+Inf"]:
                 le = str(bound)
                 cumulative += raw.get(f"{name}|{le}", 0.0)
                 buckets.append((le, cumulative))

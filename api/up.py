@@ -14,7 +14,7 @@ Each piece runs in its own session, so Ctrl-C reaches only this supervisor, whic
 stops the pieces in order; a worker that dies is restarted.
 
 However ``up`` ends, its pieces end with it. Killed without a chance to stop them
-(SIGKILL, the OOM killer), the kernel's parent-death signal (``workers/lifeline.py``)
+(SIGKILL, the OOM killer), the kernel's parent-death signal (``api/lifeline.py``)
 sends Redis SIGTERM (it flushes its append-only file and exits) and the API and the
 workers SIGKILL (a job in progress is then abandoned and RQ requeues it on the next
 start, as for any worker that dies; a trainer job's child process exits with its worker).
@@ -40,9 +40,9 @@ from pathlib import Path
 import httpx
 import redis
 
-from workers.keys import add_key, create_key, tenant_for
-from workers.lifeline import describe, holders, parent_death_signal
-from workers.redis_server import RedisServer, start_redis
+from api.keys import add_key, create_key, tenant_for
+from api.lifeline import describe, holders, parent_death_signal
+from api.redis_server import RedisServer, start_redis
 
 LOCAL_TENANT = "local"
 # The signal each piece gets when `up` dies without stopping it (see the docstring).

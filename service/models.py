@@ -25,11 +25,13 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.errors import ModelError
+from service.errors import ModelError, SpecError
 from service.once import made_once, publish
 
 if TYPE_CHECKING:  # torch is imported lazily: the API and the clients never need it
     import torch
+
+    from service.store import ArtifactStore
 
 BUILTINS = {
     # name -> (python package holding the file, GGUF file name)
@@ -383,3 +385,31 @@ def _hub_config(repo: str) -> Path | bytes:
             f"cannot read the config of hub model {repo!r}: {type(exc).__name__}"
         ) from exc
     return r.content
+
+
+def import_model(
+    store: ArtifactStore, tenant: str, path: str | Path, name: str | None = None
+) -> dict:
+    """Copy a local Hugging Face model directory into ``tenant``'s space (operator side);
+    return the new model's manifest. A directory that does not load as a model is refused."""
+    from service.store import new_id
+
+    src = Path(path).expanduser()
+    if not (src / "config.json").is_file():
+        raise SpecError(f"{src} is not a Hugging Face model directory (no config.json)")
+    try:
+        info = model_info(src)
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(src)
+    except Exception as exc:
+        raise SpecError(f"{src} does not hold a usable model config: {exc}") from exc
+    if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
+        raise SpecError(f"{src} holds no weights (*.safetensors or *.bin)")
+    art_id = new_id("model")
+    with store.create(
+        "model", artifact_id=art_id, tenant=tenant, op="import", name=name or src.name,
+        parents=[], info=info,
+    ) as tmp:  # fmt: skip
+        shutil.copytree(src, tmp / "model", ignore=shutil.ignore_patterns(".*"))
+    return store.manifest("model", art_id)

@@ -203,6 +203,39 @@ class ArtifactStore:
         shutil.rmtree(self.path(kind, artifact_id))
 
     # -- object-store mode -------------------------------------------------------------
+    def lineage(self, model_id: str, depth: int = 20) -> list[dict]:
+        """The model's ancestry, nearest first: each step's id, op, job and parents."""
+        out: list[dict] = []
+        frontier = [model_id]
+        seen: set[str] = set()
+        while frontier and len(out) < depth:
+            ref = frontier.pop(0)
+            if ref in seen:
+                continue
+            seen.add(ref)
+            kind = {"mdl": "model", "ds": "dataset"}.get(ref.split("_", 1)[0])
+            if kind is None or not is_artifact_id(ref):
+                out.append({"ref": ref, "kind": "external"})
+                continue
+            try:
+                m = self.manifest(kind, ref)
+            except NotFound:
+                out.append({"ref": ref, "kind": kind, "missing": True})
+                continue
+            parents = m.get("parents") or []
+            out.append(
+                {
+                    "ref": ref,
+                    "kind": kind,
+                    "op": m.get("op"),
+                    "job_id": m.get("job_id"),
+                    "parents": parents,
+                }  # fmt: skip
+            )
+            if kind == "model":
+                frontier.extend(parents)
+        return out
+
     def _remote_manifest(self, kind: str, artifact_id: str) -> bytes:
         try:
             return self.fs.cat_file(f"{self._remote_dir(kind, artifact_id)}/{MANIFEST}")

@@ -1,5 +1,5 @@
 """Fixtures for the service tests: a real Redis (started the way ``distillery up`` starts
-one: ``workers.redis_server.start_redis``, AOF on, in a temp dir), flushed per test; the
+one: ``api.redis_server.start_redis``, AOF on, in a temp dir), flushed per test; the
 API served by a real uvicorn on a free port; real worker processes
 (``python -m workers.worker``); and API keys of fresh tenants.
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory, session_home):
-    from workers.redis_server import start_redis
+    from api.redis_server import start_redis
 
     server = start_redis(tmp_path_factory.mktemp("redis"))
     yield server
@@ -62,7 +62,7 @@ class LiveServer:
     def __init__(self, app):
         import uvicorn
 
-        from workers.redis_server import free_port
+        from api.redis_server import free_port
 
         self.port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -94,7 +94,7 @@ def api_url(redis_server) -> str:
 @pytest.fixture
 def tenant_key(redis_conn) -> tuple[str, str]:
     """(tenant, API key) of a fresh tenant: its datasets and jobs start empty."""
-    from workers.keys import create_key
+    from api.keys import create_key
 
     tenant = f"t{uuid.uuid4().hex[:10]}"
     return tenant, create_key(redis_conn, tenant)
@@ -104,8 +104,8 @@ def tenant_key(redis_conn) -> tuple[str, str]:
 def tiny_model(session_home, tiny_llama, tenant_key) -> str:
     """The tiny random Llama as a model id (mdl_...) of the fresh tenant: over the API,
     models are named by id, never by a path on the server (``distillery models import``)."""
+    from service.models import import_model
     from service.store import ArtifactStore
-    from workers.outputs import import_model
 
     return import_model(ArtifactStore(session_home), tenant_key[0], tiny_llama)["id"]
 

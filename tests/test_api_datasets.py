@@ -117,7 +117,7 @@ def test_list_pages_with_a_cursor_and_delete(api):
 
 
 def test_auth_and_tenants(api, api_url, redis_conn):
-    from workers.keys import create_key
+    from api.keys import create_key
 
     ds = api.post("/v1/datasets", files={"file": ("a.jsonl", jsonl(ALPACA_ROWS))}).json()
     other = {"Authorization": f"Bearer {create_key(redis_conn, 'someone-else')}"}

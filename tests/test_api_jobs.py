@@ -259,7 +259,7 @@ def test_distill_endpoint_waits_or_answers_202(api, workers, tiny_model):
 
 
 def test_specs_are_validated_at_submission(api, api_url, redis_conn, tiny_model):
-    from workers.keys import create_key
+    from api.keys import create_key
 
     ds = upload(api, ALPACA_ROWS[:2])
     r = api.post("/v1/jobs", json={"type": "distill", "dataset": ds, "max_new_tokens": 0})
@@ -286,8 +286,8 @@ def test_specs_are_validated_at_submission(api, api_url, redis_conn, tiny_model)
 
 
 def test_list_jobs_with_cursor_and_filters(api, redis_conn, tiny_model):
+    from api.keys import tenant_for
     from workers import records
-    from workers.keys import tenant_for
 
     ds = upload(api, ALPACA_ROWS[:2])
     # records only (no RQ job): listing does not depend on workers
@@ -342,8 +342,8 @@ def test_sse_stream_survives_quiet_periods(api, redis_conn):
     timeout: the stream sends a keep-alive and goes on."""
     import threading
 
+    from api.keys import tenant_for
     from workers import records
-    from workers.keys import tenant_for
 
     owner = tenant_for(redis_conn, api.headers["Authorization"].split()[1])
     job = records.create(redis_conn, tenant=owner, type="prune", spec={}, queue="train")

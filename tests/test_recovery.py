@@ -184,13 +184,13 @@ def test_a_redis_restart_mid_job_loses_no_record_or_event(session_home, tiny_lla
     distill job runs: every record and event written before is there after, and the job
     still finishes with every row once its worker (restarted if it died) goes on."""
     from api.datasets import save_dataset
+    from api.keys import create_key, tenant_for
+    from api.redis_server import start_redis
     from service.specs import DistillSpec
     from service.store import ArtifactStore
     from tests.redis_fixture import stop_process
     from workers import records
-    from workers.keys import create_key, tenant_for
     from workers.lifecycle import submit
-    from workers.redis_server import start_redis
 
     server = start_redis(tmp_path / "redis")
     url = server.url
@@ -242,10 +242,10 @@ def start_api(url: str, home: Path, port: int, log: Path) -> subprocess.Popen:
 def test_the_api_killed_and_restarted_loses_nothing(
     redis_server, redis_conn, session_home, workers, tiny_llama, tenant_key, tmp_path
 ):
+    from api.redis_server import free_port
+    from service.models import import_model
     from service.store import ArtifactStore
     from tests.redis_fixture import stop_process
-    from workers.outputs import import_model
-    from workers.redis_server import free_port
 
     model = import_model(ArtifactStore(session_home), tenant_key[0], tiny_llama)["id"]
     port = free_port()
@@ -310,8 +310,8 @@ def test_jobs_that_fail_for_good_end_failed_with_the_error(
     error after one attempt, and the worker takes the next job."""
     import shutil
 
+    from service.models import import_model
     from service.store import ArtifactStore
-    from workers.outputs import import_model
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)

@@ -20,8 +20,8 @@ EXAMPLES = 50  # per operation and mode; about 20 operations: a minute or two on
 def fuzz_target(redis_server):
     """(base URL, API key) of an API on Redis database 5, where no worker listens."""
     from api.app import create_app
+    from api.keys import create_key
     from tests.redis_fixture import LiveServer, own_db
-    from workers.keys import create_key
 
     url, conn = own_db(redis_server, 5)
     key = create_key(conn, "fuzz")

@@ -171,8 +171,8 @@ def test_a_failed_job_tells_the_client_no_server_path(
     the store's path and an error id; the worker's log holds the path under that id."""
     import shutil
 
+    from service.models import import_model
     from service.store import ArtifactStore
-    from workers.outputs import import_model
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)

@@ -113,7 +113,7 @@ def cli(home: Path, url: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_up_runs_a_job_stops_cleanly_and_keeps_it(tmp_path, tiny_llama):
-    from workers.redis_server import free_port
+    from api.redis_server import free_port
 
     home, port = tmp_path / "home", free_port()
     home.mkdir()
@@ -165,7 +165,7 @@ def test_up_runs_a_job_stops_cleanly_and_keeps_it(tmp_path, tiny_llama):
 def redis_servers(home: Path) -> list[int]:
     """Pids of redis-server processes with a file of this home's Redis folder open (a
     redis-server rewrites its command line, so it is found by its open files)."""
-    from workers.lifeline import holders
+    from api.lifeline import holders
 
     def comm(pid: int) -> str:
         try:
@@ -179,7 +179,7 @@ def redis_servers(home: Path) -> list[int]:
 def test_a_killed_up_leaves_nothing_and_a_restart_keeps_everything(tmp_path):
     """SIGKILL (what the OOM killer or a closed terminal does): no piece outlives `up`;
     the jobs and keys written up to the kill are there after a restart."""
-    from workers.redis_server import free_port
+    from api.redis_server import free_port
 
     home, port = tmp_path / "home", free_port()
     home.mkdir()
@@ -241,14 +241,14 @@ def test_a_killed_up_leaves_nothing_and_a_restart_keeps_everything(tmp_path):
 def test_up_refuses_a_home_whose_redis_is_alive(tmp_path):
     """A Redis still working on the home's files (an earlier stack's, or one started by
     hand): `up` says so and exits, and never starts a second server on the same AOF."""
-    from workers.redis_server import free_port
+    from api.redis_server import free_port
 
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DISTILLERY_REDIS_URL")}
     env["DISTILLERY_HOME"] = str(home)
     first = subprocess.Popen(
-        [sys.executable, "-m", "workers.redis_server"],
+        [sys.executable, "-m", "api.redis_server"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -21,7 +21,7 @@ def s3_server():
     pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
 
-    from workers.redis_server import free_port
+    from api.redis_server import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -58,8 +58,8 @@ def client(api_url: str, key: str) -> httpx.Client:
 
 
 def test_admin_key_lists_every_tenant_and_others_cannot(api, api_url, redis_conn, tenant_key):
+    from api.keys import create_key
     from workers import records
-    from workers.keys import create_key
 
     mine = upload(api, ALPACA_ROWS[:2])
     job = records.create(redis_conn, tenant=tenant_key[0], type="prune", spec={}, queue="train")
@@ -95,15 +95,15 @@ def test_admin_key_lists_every_tenant_and_others_cannot(api, api_url, redis_conn
 
 def test_keys_commands_create_admin_and_revoke(api_url, redis_server, redis_conn, capsys):
     from api.cli import main
-    from workers.keys import is_admin, tenant_for
+    from api.keys import lookup, tenant_for
 
     url = ["--redis-url", redis_server.url]
     assert main(["keys", "create", "--tenant", "acme", *url]) == 0
     key = capsys.readouterr().out.strip()
-    assert tenant_for(redis_conn, key) == "acme" and not is_admin(redis_conn, key)
+    assert tenant_for(redis_conn, key) == "acme" and not lookup(redis_conn, key)[1]
     assert main(["keys", "create", "--admin", *url]) == 0
     admin = capsys.readouterr().out.strip()
-    assert tenant_for(redis_conn, admin) == "admin" and is_admin(redis_conn, admin)
+    assert tenant_for(redis_conn, admin) == "admin" and lookup(redis_conn, admin)[1]
     assert main(["keys", "create", "--tenant", "../x", *url]) == 2
     assert main(["keys", "create", *url]) == 2  # neither --tenant nor --admin
     capsys.readouterr()
@@ -112,7 +112,7 @@ def test_keys_commands_create_admin_and_revoke(api_url, redis_server, redis_conn
         assert c.get("/v1/jobs?all=true").status_code == 200
         assert main(["keys", "revoke", admin, *url]) == 0
         assert error(c.get("/v1/jobs"), 401)["code"] == "unauthorized"
-    assert not is_admin(redis_conn, admin)
+    assert not lookup(redis_conn, admin)[1]
     assert main(["keys", "revoke", admin, *url]) == 1  # already gone
     with client(api_url, key) as c:
         assert c.get("/v1/jobs").status_code == 200
@@ -195,7 +195,7 @@ def test_unfinished_jobs_per_tenant_answer_429_with_retry_after(
     again = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "one"})
     assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
     # another tenant is not held back by this one's queue
-    from workers.keys import create_key
+    from api.keys import create_key
 
     with client(str(api.base_url), create_key(redis_conn, "roomy")) as c:
         ds2 = upload(c, ALPACA_ROWS[:1])
@@ -277,7 +277,7 @@ def test_a_hub_id_never_loads_a_folder_of_the_same_name(tmp_path, monkeypatch, t
 
 
 def test_unknown_models_and_blocks_beyond_the_depth(api, api_url, redis_conn, tiny_model):
-    from workers.keys import create_key
+    from api.keys import create_key
 
     ds = upload(api, ALPACA_ROWS[:2])
     err = error(
@@ -466,12 +466,12 @@ def test_the_admin_key_of_the_deployment_is_registered_on_start(redis_server, re
     """DISTILLERY_ADMIN_KEY (docker-compose requires it) becomes an admin key when the API
     starts; a short one stops the API."""
     from api.app import create_app
-    from workers.keys import is_admin, tenant_for
+    from api.keys import lookup, tenant_for
 
     key = "dk_" + "a" * 40
     setting("admin_key", key)
     create_app(redis_server.url)
-    assert tenant_for(redis_conn, key) == "admin" and is_admin(redis_conn, key)
+    assert tenant_for(redis_conn, key) == "admin" and lookup(redis_conn, key)[1]
     setting("admin_key", "short")
     with pytest.raises(RuntimeError, match="too short"):
         create_app(redis_server.url)

@@ -71,7 +71,7 @@ def test_reporter_throttles_progress_and_sees_cancel(redis_conn):
 
 
 def test_api_keys_are_stored_hashed(redis_conn):
-    from workers.keys import create_key, revoke_key, tenant_for
+    from api.keys import create_key, revoke_key, tenant_for
 
     key = create_key(redis_conn, "acme")
     assert tenant_for(redis_conn, key) == "acme" and tenant_for(redis_conn, key + "x") is None
@@ -84,8 +84,8 @@ def test_api_keys_are_stored_hashed(redis_conn):
 
 
 def test_a_redis_restart_loses_no_job(tmp_path):
+    from api.redis_server import start_redis
     from workers import records
-    from workers.redis_server import start_redis
 
     server = start_redis(tmp_path / "redis")
     conn = redis.Redis.from_url(server.url)

@@ -79,6 +79,27 @@ RETRIES = 2
 IDEMPOTENCY_TTL = 24 * 3600  # seconds a key is remembered (Stripe keeps them 24 h)
 
 
+def queue_state(conn: redis.Redis) -> dict[str, dict[str, int]]:
+    """Per queue: live workers (``Worker.all`` skips one whose heartbeat key expired, so a
+    dead worker drops out after its TTL), jobs waiting and jobs held by a worker. The
+    teacher queue's RQ jobs are never queued (units are), so its waiting count is the
+    distill jobs with rows not yet claimed, and its running count the teacher workers'
+    held units."""
+    from rq import Worker
+    from rq.registry import StartedJobRegistry
+
+    state = {}
+    for name in QUEUES:
+        q = Queue(name, connection=conn)
+        state[name] = {
+            "workers": len(Worker.all(queue=q)),
+            "queued": q.count,
+            "running": StartedJobRegistry(queue=q).count,
+        }
+    state["teacher"]["queued"] = len(units.open_jobs(conn))
+    return state
+
+
 class Conflict(DistilleryError):
     code = "conflict"
 

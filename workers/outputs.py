@@ -17,17 +17,15 @@ job (``mdl_<job hex>``, so registering twice replaces rather than duplicates):
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from service.errors import ModelError, SpecError
-from service.models import HUB_PREFIX
+from service.errors import SpecError
 from service.redact import redact
-from service.store import ArtifactStore, NotFound, is_artifact_id, new_id
+from service.store import ArtifactStore
 from workers import records
 
 # Which spec fields hold a dataset, and which a model (lists: every item is one).
@@ -52,165 +50,6 @@ def work_dir(home: Path, job_id: str) -> Path:
 def artifact_id_for(kind: str, job_id: str) -> str:
     prefix = {"model": "mdl", "dataset": "ds", "run": "run"}[kind]
     return f"{prefix}_{job_id.removeprefix('job_')}"
-
-
-def check_ref(store: ArtifactStore, tenant: str, field: str, ref: str) -> None:
-    """A dataset or model id must exist and belong to ``tenant`` (another tenant's: not found).
-
-    Dataset references through the API must be ids (a path would read the server's disk).
-    Model references may still be builtin names and local directories."""
-    if field in DATASET_FIELDS:
-        if not is_artifact_id(ref) or not ref.startswith("ds_"):
-            if ref.startswith("job_"):
-                return
-            raise SpecError(f"{field}: expected a dataset id (ds_...), got {ref!r}")
-        kind = "dataset"
-    elif is_artifact_id(ref) and ref.startswith("mdl_"):
-        kind = "model"
-    else:
-        check_model_ref(field, ref)
-        return
-    try:
-        manifest = store.manifest(kind, ref)
-    except NotFound:
-        manifest = None
-    if manifest is None or manifest.get("tenant") != tenant:
-        raise NotFound(f"{field}: no {kind} {ref!r}")
-
-
-def check_model_ref(field: str, ref: str) -> None:
-    """Builtin names must exist, and local directories must hold a model; hub ids (when
-    the machine is online) are left to the worker."""
-    from service.models import BUILTINS
-
-    if ref.startswith("job_"):
-        return
-    if ref.startswith(HUB_PREFIX):
-        return  # fetched by the worker (when the machine is online)
-    if ref.startswith("builtin:"):
-        if ref.split(":", 1)[1] not in BUILTINS:
-            raise SpecError(f"{field}: unknown builtin model {ref!r}; known: {sorted(BUILTINS)}")
-        return
-    path = Path(ref).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return
-    hub_like = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
-    if not hub_like or path.exists():
-        raise SpecError(f"{field}: {ref!r} is not a builtin, a model id or a model directory")
-
-
-def check_refs(store: ArtifactStore, tenant: str, spec: dict) -> None:
-    for field, value in spec.items():
-        if field == "teacher" and spec.get("engine") == "openai":
-            continue  # a model name on a remote server, not ours to check
-        if field in DATASET_FIELDS or field in MODEL_FIELDS:
-            for ref in value if isinstance(value, list) else [value]:
-                if isinstance(ref, str):
-                    check_ref(store, tenant, field, ref)
-
-
-# A hub id as the API accepts it: "org/name", plain characters, no "..".
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-
-
-def check_api_refs(store: ArtifactStore, tenant: str, spec: dict) -> dict:
-    """References an API caller may use: ids of its own datasets, models and jobs,
-    builtin names and hub ids. Never a path on the server (the CLI, running on the
-    caller's own machine, keeps local paths). Then the checks every submission gets
-    (``check_refs``) and, where the model's depth is known, ``blocks`` below it.
-
-    Returns the spec to queue: hub ids written ``hf:org/name``, which a worker fetches
-    from the hub and never reads as a folder relative to its working directory."""
-    spec = dict(spec)
-    for field, value in spec.items():
-        if field not in DATASET_FIELDS and field not in MODEL_FIELDS:
-            continue
-        if field == "teacher" and spec.get("engine") == "openai":
-            continue  # a model name on a remote server
-        refs = value if isinstance(value, list) else [value]
-        refs = [check_api_ref(field, r) if isinstance(r, str) else r for r in refs]
-        spec[field] = refs if isinstance(value, list) else refs[0]
-    check_refs(store, tenant, spec)
-    check_depth(store, spec)
-    return spec
-
-
-def check_api_ref(field: str, ref: str) -> str:
-    """The reference as it will be queued; SpecError for anything else."""
-    if is_artifact_id(ref) or re.fullmatch(r"job_[0-9a-f]{16,32}", ref):
-        return ref
-    if ref.startswith("builtin:") and field not in DATASET_FIELDS:
-        return ref  # check_refs checks the name
-    hub = ref.removeprefix(HUB_PREFIX)
-    if field not in DATASET_FIELDS and HUB_ID_RE.match(hub) and ".." not in hub:
-        return HUB_PREFIX + hub
-    if field in DATASET_FIELDS:
-        what = "a dataset id (ds_...)"
-        how = "upload the rows (POST /v1/datasets) and name the dataset id"
-    else:
-        what = "a model id (mdl_...), a builtin (builtin:...) or a hub id (org/name)"
-        how = "an operator can import a model directory: distillery models import DIR --tenant T"
-    raise SpecError(
-        f"{field}: expected {what}; paths on the server are not accepted over the API ({how})",
-        {"field": field},
-    )
-
-
-def check_depth(store: ArtifactStore, spec: dict) -> None:
-    """``blocks`` must leave at least one block of the model, whatever kind of reference
-    names it: a store model's manifest knows its depth, the others' metadata does
-    (``service.models.model_depth``: a builtin's GGUF header, a config.json), so a cold
-    home refuses what a warm one does. A ``job_...`` model (an earlier step's product) is
-    checked by the job itself."""
-    from service.models import model_depth
-
-    blocks, model = spec.get("blocks"), spec.get("model")
-    if not isinstance(blocks, int) or not isinstance(model, str) or model.startswith("job_"):
-        return
-    if model.startswith("mdl_"):
-        try:
-            depth = (store.manifest("model", model).get("info") or {}).get("num_hidden_layers")
-        except NotFound:
-            return  # check_refs has answered 404 already
-    else:
-        try:
-            depth = model_depth(model)
-        except ModelError as exc:
-            raise SpecError(f"model: {exc.message}", {"field": "model"}) from exc
-    if isinstance(depth, int) and blocks >= depth:
-        raise SpecError(
-            f"blocks: cannot remove {blocks} blocks from {model}, which has {depth}; "
-            f"choose between 1 and {depth - 1}",
-            {"field": "blocks", "blocks": blocks, "num_hidden_layers": depth},
-        )
-
-
-def import_model(
-    store: ArtifactStore, tenant: str, path: str | Path, name: str | None = None
-) -> dict:
-    """Copy a local Hugging Face model directory into ``tenant``'s space (operator side);
-    return the new model's manifest. A directory that does not load as a model is refused."""
-    from service.models import model_info
-
-    src = Path(path).expanduser()
-    if not (src / "config.json").is_file():
-        raise SpecError(f"{src} is not a Hugging Face model directory (no config.json)")
-    try:
-        info = model_info(src)
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(src)
-    except Exception as exc:
-        raise SpecError(f"{src} does not hold a usable model config: {exc}") from exc
-    if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
-        raise SpecError(f"{src} holds no weights (*.safetensors or *.bin)")
-    art_id = new_id("model")
-    with store.create(
-        "model", artifact_id=art_id, tenant=tenant, op="import", name=name or src.name,
-        parents=[], info=info,
-    ) as tmp:  # fmt: skip
-        shutil.copytree(src, tmp / "model", ignore=shutil.ignore_patterns(".*"))
-    return store.manifest("model", art_id)
 
 
 def resolve_job_refs(conn: redis.Redis, tenant: str, spec: dict) -> dict:
@@ -280,37 +119,3 @@ def register_outputs(
         shutil.move(str(src), str(dest))
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return {kind: art_id}
-
-
-def lineage(store: ArtifactStore, model_id: str, depth: int = 20) -> list[dict]:
-    """The model's ancestry, nearest first: each step's id, op, job and parents."""
-    out: list[dict] = []
-    frontier = [model_id]
-    seen: set[str] = set()
-    while frontier and len(out) < depth:
-        ref = frontier.pop(0)
-        if ref in seen:
-            continue
-        seen.add(ref)
-        kind = {"mdl": "model", "ds": "dataset"}.get(ref.split("_", 1)[0])
-        if kind is None or not is_artifact_id(ref):
-            out.append({"ref": ref, "kind": "external"})
-            continue
-        try:
-            m = store.manifest(kind, ref)
-        except NotFound:
-            out.append({"ref": ref, "kind": kind, "missing": True})
-            continue
-        parents = m.get("parents") or []
-        out.append(
-            {
-                "ref": ref,
-                "kind": kind,
-                "op": m.get("op"),
-                "job_id": m.get("job_id"),
-                "parents": parents,
-            }  # fmt: skip
-        )
-        if kind == "model":
-            frontier.extend(parents)
-    return out

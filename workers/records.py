@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from service.redact import redact, redact_text
-from workers import stats
+from workers import counters
 
 PREFIX = "distillery"
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -67,7 +67,7 @@ def _field(k: str, v: Any) -> str:
     return redact_text(str(v))
 
 
-# KEYS: job hash, events stream, job counts hash, running set (workers/stats.py).
+# KEYS: job hash, events stream, job counts hash, running set (workers/counters.py).
 # ARGV: allowed from-statuses (JSON list), new status, event JSON data, maxlen, then
 # field/value pairs to set. Returns 1 when it moved. The counts move with the status in
 # the same script, so /metrics never sees a job in two statuses or in none.
@@ -130,7 +130,7 @@ def create(
     }
     p = pipe if pipe is not None else conn.pipeline()
     p.hset(job_key(job_id), mapping=doc)
-    p.hincrby(stats.JOBS_KEY, f"{type}|queued", 1)
+    p.hincrby(counters.JOBS_KEY, f"{type}|queued", 1)
     if not parent:
         p.zadd(index_key(tenant), {f"{created_us:017d}:{job_id}": 0})
         p.sadd(active_key(tenant), job_id)
@@ -207,10 +207,10 @@ def transition(
     args: list[str] = [_dumps(list(allowed)), to, _field("data", data or {}), str(EVENTS_MAXLEN)]
     for k, v in fields.items():
         args += [k, _field(k, v)]
-    keys = (job_key(job_id), events_key(job_id), stats.JOBS_KEY, stats.RUNNING_KEY)
+    keys = (job_key(job_id), events_key(job_id), counters.JOBS_KEY, counters.RUNNING_KEY)
     moved = conn.eval(_TRANSITION, len(keys), *keys, *args)
     if moved == 1 and to in TERMINAL:
-        stats.job_finished(conn, job_key(job_id), to)
+        counters.job_finished(conn, job_key(job_id), to)
     return moved == 1
 
 

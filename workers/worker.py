@@ -30,8 +30,8 @@ from rq.queue import Queue
 
 from service import logs
 from workers import records
+from workers.connect import configured_url
 from workers.lifecycle import QUEUES
-from workers.redis_server import configured_url
 
 WORKER_TTL = 30  # seconds; an idle worker re-registers every WORKER_TTL - 15 s
 MONITOR_INTERVAL = 10  # seconds between heartbeats while a job runs

@@ -21,12 +21,12 @@ from fastapi.responses import JSONResponse
 
 from api.datasets import save_dataset
 from api.deps import RedisDep, StoreDep, TenantDep
+from api.refs import check_api_refs
 from api.routes.jobs import check_capacity, job_public
 from api.schemas import DistillRequest, DistillResponse
 from service.specs import DistillSpec
 from workers import records
 from workers.lifecycle import submit
-from workers.outputs import check_api_refs
 
 router = APIRouter(tags=["distill"])
 MAX_WAIT = 600.0

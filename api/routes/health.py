@@ -9,12 +9,11 @@ from __future__ import annotations
 import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from rq import Queue, Worker
 
 from api import metrics as prom
 from api.deps import RedisDep
 from api.schemas import Readiness
-from workers.lifecycle import QUEUES
+from workers.lifecycle import queue_state
 
 router = APIRouter(tags=["health"])
 
@@ -29,12 +28,10 @@ def readiness(conn: redis.Redis) -> Readiness:
         conn.ping()
     except redis.RedisError:
         return Readiness(ready=False, redis=False)
-    queues = {}
-    for name in QUEUES:
-        q = Queue(name, connection=conn)
-        # Worker.all skips workers whose key expired: one that died stops counting after
-        # its heartbeat TTL (workers/worker.py), one that stopped cleanly at once.
-        queues[name] = {"workers": len(Worker.all(queue=q)), "queued": q.count}
+    queues = {
+        name: {"workers": q["workers"], "queued": q["queued"]}
+        for name, q in queue_state(conn).items()
+    }
     ready = all(v["workers"] > 0 for v in queues.values())
     return Readiness(ready=ready, redis=True, queues=queues)
 

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Resp
 from fastapi.responses import FileResponse, StreamingResponse
 
 from api.deps import AllTenants, ARedisDep, CallerDep, RedisDep, StoreDep, TenantDep
+from api.refs import check_api_refs
 from api.schemas import (
     EventPublic,
     EventsPublic,
@@ -33,7 +34,6 @@ from service.settings import get_settings
 from service.store import ArtifactStore, NotFound
 from workers import records
 from workers.lifecycle import body_hash, cancel, reserve_idempotency_key, submit
-from workers.outputs import check_api_refs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

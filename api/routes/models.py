@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query
 from api.datasets import owned, page
 from api.deps import AllTenants, CallerDep, StoreDep, TenantDep
 from api.schemas import ModelPublic, ModelsPublic
-from workers.outputs import lineage
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -32,4 +31,4 @@ def list_models(
 @router.get("/{model_id}", summary="A model and its lineage")
 def get_model(model_id: str, tenant: TenantDep, store: StoreDep) -> ModelPublic:
     manifest = owned(store, "model", model_id, tenant)
-    return ModelPublic.from_manifest(manifest, lineage(store, model_id))
+    return ModelPublic.from_manifest(manifest, store.lineage(model_id))

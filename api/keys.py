@@ -51,13 +51,30 @@ def add_key(conn: redis.Redis, key: str, tenant: str, admin: bool = False) -> No
     p.execute()
 
 
+def lookup(conn: redis.Redis, key: str) -> tuple[str | None, bool]:
+    """(tenant, is admin) of a key; (None, False) for a key that is not one."""
+    p = conn.pipeline(transaction=False)
+    p.hget(KEYS_HASH, hash_key(key))
+    p.sismember(ADMIN_SET, hash_key(key))
+    return _decode(*p.execute())
+
+
+async def alookup(aconn, key: str) -> tuple[str | None, bool]:
+    """``lookup`` on an asyncio client (the API's auth dependency, on every request)."""
+    async with aconn.pipeline(transaction=False) as p:
+        p.hget(KEYS_HASH, hash_key(key))
+        p.sismember(ADMIN_SET, hash_key(key))
+        return _decode(*await p.execute())
+
+
+def _decode(tenant, admin) -> tuple[str | None, bool]:
+    if tenant is None:
+        return None, False
+    return (tenant.decode() if isinstance(tenant, bytes) else tenant), bool(admin)
+
+
 def tenant_for(conn: redis.Redis, key: str) -> str | None:
-    t = conn.hget(KEYS_HASH, hash_key(key))
-    return t.decode() if isinstance(t, bytes) else t
-
-
-def is_admin(conn: redis.Redis, key: str) -> bool:
-    return bool(conn.sismember(ADMIN_SET, hash_key(key)))
+    return lookup(conn, key)[0]
 
 
 def revoke_key(conn: redis.Redis, key: str) -> bool:

