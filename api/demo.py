@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import httpx
 
 from api.client import Client
-from service import main_job
+from service import main_job_options as main_job
 
 ROOT = Path(__file__).resolve().parents[1]
 

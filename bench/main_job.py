@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service import main_job
+from service import main_job_options as main_job
 from service.pipeline import print_table, run_pipeline
 from service.progress import ConsoleReporter
 from service.specs import PipelineSpec

@@ -11,7 +11,7 @@ scenario on Alpaca rows no earlier scenario used (so the rewrite cache has not s
 3. ``idle2``: a 2-row request on the idle service (3 of them, one after another);
 4. ``big_alone``: a 2,000-row bulk job alone (the service's bulk tokens/s);
 5. ``big_with_2``: another 2,000-row bulk job, with a 2-row request every ``--every`` s
-   while it runs (their latencies; the big job's tokens/s against ``big_alone``);
+   while it runs (at most ``--requests`` of them) (their latencies; the big job's tokens/s against ``big_alone``);
 6. ``fair``: two tenants' equal bulk jobs submitted one after the other;
 7. ``cached``: ``one64``'s rows again (served by the cache: engine rows, seconds);
 8. ``direct``: ``LLM.generate`` called directly (service stopped, same threads, dtype, KV
@@ -193,6 +193,7 @@ class Bench:
                     if (
                         status["status"] != "running"
                         or status["progress"].get("rows_done", 0) > 0.9 * self.args.big
+                        or (self.args.requests and len(lat) >= self.args.requests)
                     ):
                         break
                     lat.append(round(self.distill(self.take(2))["seconds"], 2))
@@ -299,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", type=int, default=2000, help="rows of the big bulk job")
     ap.add_argument("--fair", type=int, default=256, help="rows of each tenant's job")
     ap.add_argument("--every", type=float, default=20.0, help="seconds between 2-row requests")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="at most this many 2-row requests during big_with_2 (0: no limit)",
+    )
     ap.add_argument("--only", default="", help="comma-separated scenarios to run (default all)")
     ap.add_argument("--render", action="store_true", help="print the table and exit")
     args = ap.parse_args(argv)

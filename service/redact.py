@@ -83,8 +83,3 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     return value
-
-
-def has_server_path(text: str) -> bool:
-    """Whether ``text`` names a path ``redact_text`` would hide (used by the tests)."""
-    return redact_text(text) != text

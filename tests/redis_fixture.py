@@ -176,10 +176,10 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout / 2)
+                # at least 1.1 s: RQ ignores a second signal within one second
+                proc.wait(max(timeout / 2, 1.1))
             except subprocess.TimeoutExpired:
                 pass
-            time.sleep(1.1)  # RQ ignores a second signal within one second
     if proc.poll() is None:
         proc.kill()
         proc.wait()

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import httpx
 import pytest
@@ -339,25 +338,22 @@ def test_readiness(api, workers, redis_server):
 
 def test_sse_stream_survives_quiet_periods(api, redis_conn):
     """No event for longer than the blocking read (5 s) and redis-py's default socket
-    timeout: the stream sends a keep-alive and goes on."""
-    import threading
-
+    timeout: the stream sends a keep-alive and goes on. The job moves only once the
+    keep-alive has arrived (a condition, not a fixed wait)."""
     from api.keys import tenant_for
     from workers import records
 
     owner = tenant_for(redis_conn, api.headers["Authorization"].split()[1])
     job = records.create(redis_conn, tenant=owner, type="prune", spec={}, queue="train")
-
-    def later():
-        time.sleep(7)
-        records.transition(redis_conn, job["id"], ("queued",), "running")
-        records.transition(redis_conn, job["id"], ("running",), "succeeded")
-
-    threading.Thread(target=later, daemon=True).start()
+    lines = []
     with api.stream(
         "GET", f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}
     ) as r:
-        lines = list(r.iter_lines())
+        for line in r.iter_lines():
+            lines.append(line)
+            if line == ": keep-alive" and lines.count(line) == 1:
+                records.transition(redis_conn, job["id"], ("queued",), "running")
+                records.transition(redis_conn, job["id"], ("running",), "succeeded")
     assert ": keep-alive" in lines
     messages = [json.loads(x[6:])["message"] for x in lines if x.startswith("data: ")]
     assert messages == ["queued", "running", "succeeded"]

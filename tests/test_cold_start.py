@@ -39,6 +39,7 @@ from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from service.models import load_model, resolve_model
 go = Path(sys.argv[1])
+Path(sys.argv[2]).touch()
 while not go.exists():
     time.sleep(0.01)
 path = resolve_model("builtin:smollm2-135m-instruct")
@@ -53,16 +54,22 @@ def test_two_processes_convert_the_builtin_once(tmp_path):
     go = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RESOLVE, str(go)],
+            [sys.executable, "-c", RESOLVE, str(go), str(tmp_path / f"ready{i}")],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for i in range(2)
     ]
-    time.sleep(15)  # both have imported torch and transformers and are polling
+    # Both have imported torch and transformers and are polling for the go file: each
+    # says so by creating its ready file.
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline, "the two processes did not get ready"
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.1)
     go.touch()
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):

@@ -166,7 +166,7 @@ def test_output_rows_are_input_rows_in_order_with_provenance(
 
 
 KILL_SCRIPT = """
-import sys, time
+import sys, threading
 from pathlib import Path
 from service.distill import run_distill
 from service.progress import Reporter
@@ -176,7 +176,7 @@ class StallAfterTwoBatches(Reporter):
     def progress(self, rows_done=0, **fields):
         if rows_done >= 6:
             print("READY", flush=True)
-            time.sleep(600)
+            threading.Event().wait()  # stalled until the test kills it
 
 run_distill(DistillSpec.model_validate_json(sys.argv[1]), Path(sys.argv[2]), StallAfterTwoBatches())
 """

@@ -2,7 +2,7 @@
 
 import argparse
 
-from service import main_job
+from service import main_job_options as main_job
 from service.specs import PipelineSpec
 
 

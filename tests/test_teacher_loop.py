@@ -17,6 +17,7 @@ import pytest
 from service.specs import DistillSpec
 from service.teacher.base import GenParams, Request
 from service.teacher.loop import EngineLoop, Item
+from tests.redis_fixture import wait_for
 from workers import units
 
 pytest_plugins = ["tests.redis_fixture"]
@@ -153,15 +154,13 @@ def test_a_lapsed_lease_is_requeued_and_counted(conn):
     units.renew(conn, [member], 2)
     assert units.reap(conn) == {}  # renewed: not lapsed
     units.renew(conn, [member], 0.1)
-    time.sleep(0.2)
-    assert units.reap(conn) == {"job_a": 1}
+    assert wait_for(lambda: units.reap(conn), timeout=10, every=0.02) == {"job_a": 1}
     assert units.reap(conn) == {}  # requeued once
     assert units.claim(conn, "w2", [], True, 30) == ("job_a", 0, 4)  # retries first
     # A unit handed back by a stopping worker is requeued at once, not counted.
     units.release(conn, [units.lease_member("job_a", 0, 4, "w2")], requeue=True)
     assert units.claim(conn, "w3", [], True, 0.1) == ("job_a", 0, 4)
-    time.sleep(0.2)  # lapsed, whatever the load: reap runs after it
-    assert units.reap(conn) == {"job_a": 2}
+    assert wait_for(lambda: units.reap(conn), timeout=10, every=0.02) == {"job_a": 2}
 
 
 def test_rows_are_written_once_and_the_cache_is_bounded(conn):
@@ -176,7 +175,6 @@ def test_rows_are_written_once_and_the_cache_is_bounded(conn):
 
     for k in range(5):
         units.cache_put(conn, "t1", {f"k{k}": {"text": str(k)}}, max_rows=3)
-        time.sleep(0.01)
     assert units.cache_get(conn, "t1", ["k0", "k1", "k2", "k3", "k4"]) == [
         None, None, {"text": "2"}, {"text": "3"}, {"text": "4"}
     ]  # fmt: skip
@@ -214,7 +212,8 @@ def test_a_unit_requeued_past_its_retries_fails_its_job(conn):
     worker = TeacherWorker(conn, name="reaper")
     for attempt in range(units.RETRIES + 1):
         assert units.claim(conn, f"dead-{attempt}", [], True, lease=0.05)
-        time.sleep(0.1)  # its worker "died": the lease lapses
+        # its worker "died": wait until the lease has lapsed
+        wait_for(lambda: conn.zrangebyscore(units.LEASES, "-inf", repr(time.time())), 10, 0.02)
         worker._last_beat = 0.0
         worker.beat()
         status = records.get(conn, rec["id"])["status"]

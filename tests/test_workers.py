@@ -15,6 +15,7 @@ import redis
 
 from service.errors import CancelledError
 from tests.conftest import ALPACA_ROWS
+from tests.redis_fixture import wait_for
 
 pytest_plugins = ["tests.redis_fixture"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +63,15 @@ def test_reporter_throttles_progress_and_sees_cancel(redis_conn):
 
     rep.check()
     records.request_cancel(redis_conn, job["id"])
-    time.sleep(0.25)  # the flag is re-read at most every 0.2 s
-    with pytest.raises(CancelledError):
-        rep.check()
+
+    def stops() -> bool:  # the flag is re-read at most every 0.2 s
+        try:
+            rep.check()
+        except CancelledError:
+            return True
+        return False
+
+    wait_for(stops, timeout=5, every=0.05, what="check() to see the cancel")
     late = RecordReporter(redis_conn, job["id"], deadline=time.monotonic() - 1)
     with pytest.raises(JobTimeout):
         late.check()
@@ -119,7 +126,7 @@ def test_a_job_whose_worker_dies_resumes(redis_server, session_home, tiny_llama,
     from service.distill import Finished
     from service.specs import DistillSpec
     from service.store import ArtifactStore
-    from tests.redis_fixture import own_db, stop_process, wait_for
+    from tests.redis_fixture import own_db, stop_process
     from workers import records, units
     from workers.lifecycle import submit
 

@@ -197,7 +197,7 @@ def submit_pipeline(
             enqueue(conn, ids[step.name], step.type, docs[step.name],
                     depends_on=[ids[n] for n in step.needs])  # fmt: skip
     except Exception as exc:
-        stop_pipeline(
+        settle_pipeline(
             conn, pid, "failed", {"code": "enqueue", "message": str(exc), "where": "submit"}
         )
         raise
@@ -311,11 +311,11 @@ def cancel(conn: redis.Redis, job: dict) -> dict:
         raise Conflict(f"job {job_id} already {job['status']}", {"status": job["status"]})
     records.request_cancel(conn, job_id)
     if job["type"] == "pipeline":
-        stop_pipeline(conn, job_id, "cancelled", None)
+        settle_pipeline(conn, job_id, "cancelled", None)
     elif records.transition(conn, job_id, ("queued",), "cancelled", finished_at=time.time()):
         cancel_rq_job(conn, job_id)
         if job["parent"]:
-            stop_pipeline(conn, job["parent"], "cancelled", None)
+            settle_pipeline(conn, job["parent"], "cancelled", None)
     else:
         records.add_event(conn, job_id, "cancel requested; stopping at the next step")
     return records.get(conn, job_id) or job
@@ -403,7 +403,7 @@ def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
     if moved and job["parent"] and status != "succeeded":
         what = "failed" if status == "failed" else "was cancelled"
         error = fields.get("error") or {"code": "cancelled", "message": "cancelled"}
-        stop_pipeline(
+        settle_pipeline(
             conn,
             job["parent"],
             "failed" if status == "failed" else "cancelled",
@@ -417,37 +417,28 @@ def end(conn: redis.Redis, job: dict, status: str, **fields: Any) -> bool:
     return moved
 
 
-def stop_pipeline(conn: redis.Redis, parent_id: str, status: str, error: dict | None) -> None:
-    """Settle a parent job (a pipeline): cancel its unfinished
-    children, then mark it ``status``; a parent that has a parent settles that one too."""
-    parent = records.get(conn, parent_id)
-    if parent is None:
+def settle_pipeline(conn: redis.Redis, pipeline_id: str, status: str, error: dict | None) -> None:
+    """End a pipeline as ``status`` (failed or cancelled): cancel its unfinished steps,
+    then mark it, once (a second call finds it ended)."""
+    pipeline = records.get(conn, pipeline_id)
+    if pipeline is None:
         return
-    stop_children(conn, parent)
+    cancel_steps(conn, pipeline)
     fields: dict[str, Any] = {"finished_at": time.time()}
     if status == "failed" and error:
         fields["error"] = error
-    if records.transition(conn, parent_id, ("queued", "running"), status, **fields):
-        cancel_waiting_rq_job(conn, parent_id)
-        if parent["parent"]:
-            stop_pipeline(conn, parent["parent"], status, error)
+    if records.transition(conn, pipeline_id, ("queued", "running"), status, **fields):
+        cancel_waiting_rq_job(conn, pipeline_id)
 
 
-def stop_children(conn: redis.Redis, parent: dict) -> None:
-    """Cancel a parent's children: queued ones now, running ones at their next batch or
-    step (a distill step's rows leave the teacher loop at its next step); a child with
-    children of its own is cancelled with them."""
-    for child_id in parent["children"]:
-        records.request_cancel(conn, child_id)
-        if records.transition(conn, child_id, ("queued",), "cancelled", finished_at=time.time()):
-            cancel_rq_job(conn, child_id)
-        child = records.get(conn, child_id)
-        if child and child["children"]:
-            stop_children(conn, child)
-            if records.transition(
-                conn, child_id, ("running",), "cancelled", finished_at=time.time()
-            ):
-                cancel_waiting_rq_job(conn, child_id)
+def cancel_steps(conn: redis.Redis, pipeline: dict) -> None:
+    """Cancel a pipeline's steps: queued ones now (their RQ jobs too), running ones at
+    their next batch or step (a distill step's rows leave the teacher loop at its next
+    step); finished ones stay as they are."""
+    for step_id in pipeline["children"]:
+        records.request_cancel(conn, step_id)
+        if records.transition(conn, step_id, ("queued",), "cancelled", finished_at=time.time()):
+            cancel_rq_job(conn, step_id)
 
 
 class JobTimeout(DistilleryError):

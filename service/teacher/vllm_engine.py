@@ -14,7 +14,7 @@ between jobs. vLLM frees GPU memory only when its process ends (vLLM #1908, #654
 :meth:`VLLMEngine.close` drops the reference and a worker that must release the GPU ends
 its process.
 
-- Prompts: the token ids of ``hf_engine.render_prompt`` (``LLM.generate`` with
+- Prompts: the token ids of ``service.teacher.base.render_prompt`` (``LLM.generate`` with
   ``TokensPrompt``), the same ids every engine sees, prefill included, so greedy output
   can be compared token for token with ``generate`` and a prefilled request needs no
   second ``LLM.chat`` call. One ``generate`` call takes every request; vLLM's scheduler
