@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 from agree import draws_agree
-from conftest import peaked_copy
+from conftest import build_tiny_llama, peaked_copy
 
 from service.teacher.base import GenParams, Request
 from service.teacher.factory import make_engine
@@ -59,27 +59,11 @@ def varied_llama(tmp_path_factory, tokenizer_dir):
     """A tiny random Llama whose greedy output varies from token to token. (The session's
     ``tiny_llama``, tied and initialised at 0.02, repeats one token forever, which would
     make "same tokens as generate" an empty check.)"""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-    )
+    # 4 heads of 16: the HF engine takes them (vLLM would not).
     out = tmp_path_factory.mktemp("varied-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny_llama(out, tokenizer_dir, layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, tie_word_embeddings=False,
+                            initializer_range=0.1)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

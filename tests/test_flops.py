@@ -14,6 +14,7 @@ from service.flops import (
     forward_flops_per_token,
     with_layers,
 )
+from tests.conftest import tiny_llama_config
 
 # hidden 8, intermediate 16, 2 blocks, 2 heads of 4, 1 kv head, vocab 10, untied head.
 SMALL = {
@@ -62,17 +63,10 @@ def test_matches_a_real_model_and_torch_flop_counter():
     """Params equal the model's own count; FLOPs equal torch's FlopCounterMode over a
     forward of L tokens (eager attention, which scores all L x L pairs: context L)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config(1000, layers=3, intermediate_size=96, num_attention_heads=4,
+                            num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
     assert count_params(cfg)["total"] == sum(p.numel() for p in model.parameters())
     length = 13

