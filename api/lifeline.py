@@ -67,13 +67,46 @@ def holders(folder: Path) -> list[int]:
     return found
 
 
+# What each piece of `distillery up` is, by the module or executable it runs.
+ROLES = {
+    "redis-server": "Redis, the job store",
+    "workers.worker": "worker",
+    "workers.child": "a trainer job's process",
+    "api.cli": "distillery",
+    "uvicorn": "the API",
+}
+
+
+def name_of(argv: list[str]) -> str:
+    """A process named by what it is, whole, whatever the path it was started from:
+    ``redis-server (Redis, the job store)``, ``python -m workers.worker --queues teacher
+    (worker)``; an unknown one by its executable's name and its arguments."""
+    if not argv:
+        return "?"
+    exe = Path(argv[0]).name
+    args = argv[1:]
+    if exe.startswith("python") and len(args) >= 2 and args[0] == "-m":
+        exe, args = f"python -m {args[1]}", args[2:]
+        role = ROLES.get(exe.removeprefix("python -m "))
+    else:
+        role = ROLES.get(exe)
+    shown = " ".join(a if len(a) <= 40 else Path(a).name for a in args[:4])
+    text = f"{exe} {shown}".strip()
+    return f"{text} ({role})" if role else text
+
+
 def describe(pids: list[int]) -> str:
-    """``pid 123 (redis-server ...)`` for each pid, for a message to an operator."""
+    """``pid 123 redis-server 127.0.0.1:6379 (Redis, the job store)`` for each pid, for a
+    message to an operator."""
     out = []
     for pid in pids:
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
-            cmd = "?"
-        out.append(f"pid {pid} ({cmd[:80]})")
+            out.append(f"pid {pid} (?)")
+            continue
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        if len(argv) == 1 and " " in argv[0]:  # a process that rewrote its title (RQ's)
+            argv = argv[0].split()
+        out.append(f"pid {pid} {name_of(argv)}")
     return ", ".join(out)
