@@ -163,14 +163,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     name models by id, never by a path on the server."""
     from api.keys import TENANT_RE
     from service.errors import DistilleryError
+    from service.models import import_model
     from service.store import ArtifactStore
 
     if not TENANT_RE.match(args.tenant):
         print(f"error: bad tenant {args.tenant!r}", file=sys.stderr)
         return 2
     try:
-        manifest = ArtifactStore.from_settings().import_model(
-            args.tenant, args.path, name=args.name
+        manifest = import_model(
+            ArtifactStore.from_settings(), args.tenant, args.path, name=args.name
         )
     except DistilleryError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

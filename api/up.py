@@ -11,7 +11,8 @@ reverse order: the API, then the workers (a job in progress is put back on its q
 resumes on the next start), then Redis, which flushes its append-only file.
 
 Each piece runs in its own session, so Ctrl-C reaches only this supervisor, which
-stops the pieces in order; a worker that dies is restarted.
+stops the pieces in order; a piece that dies is restarted with backoff, Redis included
+(on its port, from its append-only file; the workers and the API reconnect by themselves).
 
 However ``up`` ends, its pieces end with it. Killed without a chance to stop them
 (SIGKILL, the OOM killer), the kernel's parent-death signal (``api/lifeline.py``)
@@ -46,6 +47,8 @@ from api.redis_server import RedisServer, start_redis
 
 LOCAL_TENANT = "local"
 # The signal each piece gets when `up` dies without stopping it (see the docstring).
+# A piece that ran this long before it died was healthy: its backoff starts over.
+HEALTHY = 60.0
 DEATH_SIGNAL = {"redis": signal.SIGTERM, "teacher": signal.SIGKILL, "train": signal.SIGKILL,
                 "api": signal.SIGKILL}  # fmt: skip
 
@@ -149,20 +152,66 @@ class Supervisor:
             raise RuntimeError(f"the API did not answer within 180 s; see {self.logs / 'api.log'}")
         return key
 
-    def watch(self) -> None:
-        """Restart a worker or API that died, until asked to stop."""
+    def watch(self, tick: float = 0.5) -> None:
+        """Restart any piece that died, until asked to stop: a worker or the API, and the
+        Redis this ``up`` started (on the same port, from its append-only file; a Redis
+        given by REDIS_URL is not ours to restart: the pieces wait for it and reconnect).
+
+        Each piece has its own backoff (1 s, doubling to 60 s) and its own restart time,
+        so one that keeps crashing delays no other; a piece that ran ``HEALTHY`` seconds
+        before it died starts again from 1 s."""
+        due: dict[str, float] = {}  # piece -> when to restart it
         backoff: dict[str, float] = {}
+        started: dict[str, float] = {name: time.monotonic() for name in self.pieces()}
         while not self.stopping:
-            time.sleep(1.0)
-            for name, proc in list(self.procs.items()):
-                if self.stopping or proc.poll() is None:
+            time.sleep(tick)
+            now = time.monotonic()
+            for name, alive in self.pieces().items():
+                if self.stopping or alive:
                     continue
-                wait = min(backoff.get(name, 1.0) * 2, 60.0)
-                backoff[name] = wait
-                log(f"{name} exited with {proc.returncode}; restarting in {wait:.0f}s")
-                time.sleep(wait)
-                if not self.stopping:
-                    self.spawn(name)
+                if name not in due:
+                    ran = now - started.get(name, now)
+                    wait = 1.0 if ran >= HEALTHY else min(backoff.get(name, 0.5) * 2, 60.0)
+                    backoff[name] = wait
+                    due[name] = now + wait
+                    log(f"{name} {self.exit_of(name)}; restarting in {wait:.0f}s")
+                elif now >= due[name]:
+                    try:
+                        self.restart(name)
+                    except RuntimeError as exc:  # Redis could not start: try again later
+                        log(f"{name} did not start: {exc}")
+                        del due[name]
+                        started[name] = now
+                        continue
+                    del due[name]
+                    started[name] = time.monotonic()
+
+    def pieces(self) -> dict[str, bool]:
+        """Every piece this ``up`` runs, and whether it is alive."""
+        alive = {name: proc.poll() is None for name, proc in self.procs.items()}
+        if self.redis is not None:
+            alive["redis"] = self.redis.proc.poll() is None
+        return alive
+
+    def exit_of(self, name: str) -> str:
+        proc = self.redis.proc if name == "redis" else self.procs[name]
+        rc = proc.returncode
+        return f"was killed by {signal.Signals(-rc).name}" if rc and rc < 0 else f"exited with {rc}"
+
+    def restart(self, name: str) -> None:
+        if name != "redis":
+            self.spawn(name)
+            return
+        # The same port and folder: the pieces' REDIS_URL stays right, and Redis loads
+        # its append-only file. Nothing else may hold the folder (see start()).
+        port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+        self.redis = start_redis(
+            self.home / "redis",
+            port=port,
+            preexec_fn=parent_death_signal(DEATH_SIGNAL["redis"]),
+            pass_fds=self.pass_fds,
+        )
+        log(f"restarted Redis at {self.redis.url} from its append-only file")
 
     def stop(self) -> None:
         self.stopping = True

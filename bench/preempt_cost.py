@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
-    from service.datasets import read_dataset
+    from bench.teacher_service import alpaca
+    from service.datasets import normalise
     from service.distill import make_items
     from service.models import DEFAULT_MODEL, apply_threads
     from service.specs import DistillSpec
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.teacher.loop import EngineLoop
 
     apply_threads()
-    rows = read_dataset(Path(args.data_dir) / "alpaca" / "train.jsonl", limit=args.rows + 2)
+    raw = alpaca(Path(args.data_dir))[: args.rows + 2]
+    rows = [normalise(r, i + 1)[0] for i, r in enumerate(raw)]
     spec = DistillSpec(dataset="x", max_new_tokens=args.max_new_tokens)
     llm_kwargs = {"block_size": args.block_size} if args.block_size else {}
     engine = make_engine("vllm", DEFAULT_MODEL, dtype=pick_dtype("auto"), llm_kwargs=llm_kwargs)

@@ -268,3 +268,54 @@ def test_up_refuses_a_home_whose_redis_is_alive(tmp_path):
         first.send_signal(signal.SIGTERM)
         first.wait(30)
     assert redis_servers(home) == []
+
+
+def test_up_restarts_a_redis_that_dies_and_a_running_job_finishes(tmp_path, tiny_llama):
+    """Redis SIGKILLed under a running distill job: `up` starts it again on its port from
+    its append-only file, the API and the workers reconnect by themselves, and the job
+    finishes with every row, no person acting."""
+    from api.redis_server import free_port
+
+    home, port = tmp_path / "home", free_port()
+    home.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (ALPACA_ROWS * 16)[:48]))
+    proc = start_up(home, port)
+    try:
+        wait_ready(url, proc, home)
+        auth = {"Authorization": f"Bearer {(home / 'api_key').read_text().strip()}"}
+        ds = json.loads(cli(home, url, "datasets", "upload", str(data)).stdout)["id"]
+        model = cli(home, url, "models", "import", str(tiny_llama), "--tenant", "local")
+        job = httpx.post(f"{url}/v1/jobs", headers=auth, json={
+            "type": "distill", "teacher": model.stdout.strip(), "dataset": ds,
+            "max_new_tokens": 48, "engine": "hf"}).json()  # fmt: skip
+
+        def running() -> bool:
+            got = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=auth).json()
+            return got["status"] == "running" and got["progress"].get("rows_done", 0) > 0
+
+        wait_for(running, 240, 0.2, "the job to be running with rows written")
+        (old,) = redis_servers(home)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: "restarted Redis" in (home / "up.err").read_text(), 60, 0.2,
+                 "up to restart Redis")  # fmt: skip
+        assert [p for p in redis_servers(home) if p != old]
+
+        def finished() -> dict | None:
+            try:
+                got = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=auth, timeout=5)
+            except httpx.HTTPError:
+                return None
+            if got.status_code == 200 and got.json()["status"] in ("succeeded", "failed"):
+                return got.json()
+            return None
+
+        done = wait_for(finished, 300, 0.5, "the job to finish after the restart")
+        assert done["status"] == "succeeded", done
+        rows = httpx.get(f"{url}/v1/jobs/{job['id']}/result", headers=auth).text.splitlines()
+        assert len(rows) == 48
+        wait_ready(url, proc, home, timeout=60)  # both workers back on their queues
+    finally:
+        assert stop(proc) == 0
+    assert pieces(home) == []
