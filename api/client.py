@@ -81,8 +81,25 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
+    # A read that meets a timeout, a dropped connection or a 502/503/504 (a service
+    # restarting a piece, a machine under load) is asked again after 1, 2 and 4 s; a write
+    # is not (a POST may have landed: resubmit with an Idempotency-Key instead).
+    RETRY_WAITS = (1.0, 2.0, 4.0)
+
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        r = self.http.request(method, path, **kw)
+        waits = list(self.RETRY_WAITS) if method in ("GET", "HEAD") else []
+        while True:
+            try:
+                r = self.http.request(method, path, **kw)
+            except httpx.TransportError:
+                if not waits:
+                    raise
+                time.sleep(waits.pop(0))
+                continue
+            if r.status_code in (502, 503, 504) and waits:
+                time.sleep(waits.pop(0))
+                continue
+            break
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]

@@ -119,7 +119,12 @@ def follow(client: Client, job_id: str, every: float = 2.0, report: float = 15.0
     """Print each step's status changes, and its progress now and then, until the end."""
     shown: dict[str, tuple[str, float]] = {}
     while True:
-        job = client.get_job(job_id)
+        try:
+            job = client.get_job(job_id)
+        except httpx.TransportError as exc:  # the job runs on; so does following it
+            log(f"the service did not answer ({type(exc).__name__}); asking again")
+            time.sleep(every)
+            continue
         now = time.monotonic()
         for c in job.children:
             prev = shown.get(c.id)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    if args.block_size:  # before anything reads the settings
+        os.environ["DISTILLERY_VLLM_BLOCK_SIZE"] = str(args.block_size)
 
     from bench.teacher_service import alpaca
     from service.datasets import normalise
@@ -47,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     raw = alpaca(Path(args.data_dir))[: args.rows + 2]
     rows = [normalise(r, i + 1)[0] for i, r in enumerate(raw)]
     spec = DistillSpec(dataset="x", max_new_tokens=args.max_new_tokens)
-    llm_kwargs = {"block_size": args.block_size} if args.block_size else {}
-    engine = make_engine("vllm", DEFAULT_MODEL, dtype=pick_dtype("auto"), llm_kwargs=llm_kwargs)
+    engine = make_engine("vllm", DEFAULT_MODEL, dtype=pick_dtype("auto"))
     scheduler = engine.llm.llm_engine.vllm_config.cache_config
     bulk_pairs = list(enumerate(rows[: args.rows]))
     ask_pairs = list(enumerate(rows[args.rows : args.rows + 2]))
 
     def run(with_request: bool) -> dict:
         engine.llm.reset_prefix_cache()
+        engine.prompt_computed = engine.prompt_cached = 0
         loop = EngineLoop(engine, capacity=args.rows)
         loop.add(make_items("bulk", "t1", bulk_pairs, spec, interactive=False))
         t0 = time.monotonic()
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                     tokens += gen.tokens
             steps += 1
         out = {"seconds": round(time.monotonic() - t0, 2), "steps": steps, "tokens": tokens,
-               "preempted": loop.preempted, "resumed": loop.resumed}  # fmt: skip
+               "preempted": loop.preempted, "resumed": loop.resumed,
+               "prompt_computed": engine.prompt_computed,
+               "prompt_cached": engine.prompt_cached}  # fmt: skip
         if asked is not None and answered is not None:
             out["request_seconds"] = round(answered - asked, 2)
         return out

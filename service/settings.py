@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         "that is unset). 2 GiB holds ~46k fp32 tokens of the builtin model: ~100 rows of "
         "200 prompt + 256 new tokens decoding at once; more rows wait their turn.",
     )
+    vllm_block_size: int | None = Field(
+        default=None,
+        ge=16,
+        le=512,
+        description="Tokens per KV-cache block of a vLLM teacher. Unset: vLLM's own choice "
+        "(128 on a CPU). Only whole blocks enter the prefix cache, so it is also the "
+        "granularity at which a preempted row's prompt is found again (bench/preempt_cost.py).",
+    )
     vllm_enforce_eager: bool | None = Field(
         default=None,
         description="Run vLLM without torch.compile. Unset: eager on a CPU, compiled on a "

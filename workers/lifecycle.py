@@ -144,8 +144,9 @@ def submit(
     *,
     job_id: str | None = None,
 ) -> dict:
-    """Write the record(s) and enqueue; return the top-level record. The caller has
-    checked the spec's references (``api/refs.py``)."""
+    """Write the record(s) and enqueue; return the top-level record as submitted
+    (``queued``: a worker may have started it since). The caller has checked the spec's
+    references (``api/refs.py``)."""
     if job_type == "pipeline":
         assert isinstance(spec, PipelineSpec)
         return submit_pipeline(conn, tenant, spec, job_id=job_id, store=store)
@@ -156,7 +157,8 @@ def submit(
     rec = records.create(pipe, tenant=tenant, type=job_type, spec=doc, queue=QUEUE_OF[job_type],
                          job_id=job_id, pipe=pipe)  # fmt: skip
     if isinstance(spec, DistillSpec):
-        register_distill(conn, pipe, store, tenant, rec["id"], spec)
+        rows = register_distill(conn, pipe, store, tenant, rec["id"], spec)
+        rec["progress"] = {"rows_done": 0, "rows_total": rows}
     pipe.execute()
     try:
         enqueue(conn, rec["id"], job_type, doc)
@@ -165,7 +167,7 @@ def submit(
         records.transition(conn, rec["id"], ("queued",), "failed", finished_at=time.time(),
                            error=error)  # fmt: skip
         raise
-    return records.get(conn, rec["id"]) or rec
+    return rec
 
 
 def submit_pipeline(
@@ -201,7 +203,7 @@ def submit_pipeline(
             conn, pid, "failed", {"code": "enqueue", "message": str(exc), "where": "submit"}
         )
         raise
-    return records.get(conn, pid) or parent
+    return {**parent, "children": [ids[step.name] for step in steps]}
 
 
 def distill_rows(store: ArtifactStore | None, spec: DistillSpec) -> int:
@@ -254,8 +256,9 @@ def register_distill(
     tenant: str,
     job_id: str,
     spec: DistillSpec,
-) -> None:
-    """Make a distill job's rows claimable by the teacher tier (in ``pipe``)."""
+) -> int:
+    """Make a distill job's rows claimable by the teacher tier (in ``pipe``); return how
+    many rows it has."""
     from service.settings import get_settings
 
     rows = distill_rows(store, spec)
@@ -265,6 +268,7 @@ def register_distill(
     key = units.engine_key(spec.engine, spec.teacher, spec.dtype)
     units.register(pipe, job_id, tenant, rows, get_settings().unit_rows, interactive, key)
     pipe.hset(records.job_key(job_id), "progress", json.dumps({"rows_done": 0, "rows_total": rows}))
+    return rows
 
 
 def body_hash(job_type: str, spec: Spec) -> str:

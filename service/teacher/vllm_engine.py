@@ -163,6 +163,8 @@ class VLLMEngine(TeacherEngine):
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
+        if settings.vllm_block_size:
+            kwargs["block_size"] = int(settings.vllm_block_size)
         spec = speculative_config(
             str(resolve_model(draft_model)) if draft_model else None, num_speculative_tokens
         )
@@ -187,6 +189,10 @@ class VLLMEngine(TeacherEngine):
         self.stop_ids = stop_token_ids(path, self.tokenizer)
         # Started requests: (prompt length, tokens generated so far).
         self._running: dict[str, tuple[int, list[int]]] = {}
+        # Prompt tokens of finished requests that vLLM computed, and found in its prefix
+        # cache (a preempted row's resumption should mostly find its prompt there).
+        self.prompt_computed = 0
+        self.prompt_cached = 0
         # Rows the loop keeps in the engine at once: vLLM's own batch limit.
         self.capacity = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
@@ -276,6 +282,9 @@ class VLLMEngine(TeacherEngine):
             if not out.finished:
                 continue
             prompt_tokens, tokens = self._running.pop(out.request_id)
+            cached = int(getattr(out, "num_cached_tokens", 0) or 0)
+            self.prompt_cached += cached
+            self.prompt_computed += len(out.prompt_token_ids or ()) - cached
             done.append(
                 (
                     out.request_id,
