@@ -221,6 +221,17 @@ class ModelsPublic(BaseModel):
     next_cursor: str | None = None
 
 
+class ModelFilePublic(BaseModel):
+    name: str = Field(description="Path inside the model folder, e.g. config.json.")
+    size: int = Field(description="Bytes.")
+    sha256: str
+
+
+class ModelFilesPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelFilePublic]
+
+
 # POST /v1/distill: rows in, distilled rows back. DistillSpec's own fields (minus the
 # dataset, which the rows become), so descriptions and bounds cannot drift apart.
 DistillRequest = create_model(
