@@ -185,6 +185,29 @@ class DatasetsPublic(BaseModel):
     next_cursor: str | None = None
 
 
+class RowPublic(BaseModel):
+    index: int = Field(description="The row's position in the dataset (0-based).")
+    row: dict[str, Any]
+
+
+class RowsPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RowPublic]
+    total: int | None = Field(
+        None, description="Rows in the selection; null for a text search (it scans)."
+    )
+    offset: int
+    next_offset: int | None = Field(None, description="Pass as ?offset= for the next page.")
+
+
+class DatasetStats(BaseModel):
+    rows: int
+    reasons: dict[str, int] = Field(
+        default_factory=dict,
+        description='Rows per reason (a distilled row\'s `reason`; "" for rows without one).',
+    )
+
+
 class ModelPublic(BaseModel):
     id: str
     object: Literal["model"] = "model"

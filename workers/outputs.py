@@ -27,6 +27,7 @@ import redis
 from service.errors import ModelError, SpecError
 from service.models import HUB_PREFIX
 from service.redact import redact
+from service.row_index import write_index
 from service.store import ArtifactStore, NotFound, is_artifact_id, new_id
 from workers import records
 
@@ -278,6 +279,8 @@ def register_outputs(
     with store.create(kind, artifact_id=art_id, **manifest) as tmp:
         dest = tmp / ("model" if kind == "model" else name)
         shutil.move(str(src), str(dest))
+        if kind == "dataset":
+            write_index(tmp)  # pages and per-reason counts for the viewer (the console's)
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return {kind: art_id}
 
