@@ -143,6 +143,7 @@ def test_console_in_a_browser(browser, api, api_url, tenant_key, tiny_model, wor
         "succeeded", timeout=180_000
     )
     expect(page.locator("progress").first).to_have_attribute("value", "16")
+    expect(page.locator("[data-follow]")).to_have_count(0)  # a finished job: no stream
 
     # A long one: the jobs table's bar moves with no reload, then it is cancelled.
     long_rows = [{**r, "instruction": f"{r['instruction']} ({k})"} for k, r in enumerate(ALPACA_ROWS * 40)]  # fmt: skip

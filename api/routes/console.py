@@ -11,6 +11,7 @@ Each page calls the same service functions as the JSON routes.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -129,12 +130,19 @@ def flat(doc: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 
 @router.get("/jobs/{job_id}/events")
-def job_events(job_id: str, request: Request, session: SessionDep, conn: RedisDep) -> Response:
-    """The job's events as Server-Sent Events (EventSource sends Last-Event-ID itself)."""
+def job_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    conn: RedisDep,
+    after: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
+) -> Response:
+    """The job's events after ``after`` as Server-Sent Events (on a reconnect the
+    browser's Last-Event-ID goes first)."""
     load_job(conn, job_id, session.tenant)
     last = request.headers.get("last-event-id")
-    if last and not all(p.isdigit() for p in last.split("-", 1)):
-        last = None
+    if not (last and re.fullmatch(r"\d+-\d+", last)):
+        last = after
     return StreamingResponse(
         stream_events(request.app.state.redis_url, job_id, last),
         media_type="text/event-stream",
@@ -146,7 +154,11 @@ def job_events(job_id: str, request: Request, session: SessionDep, conn: RedisDe
 async def cancel_job(job_id: str, request: Request, session: SessionDep, conn: RedisDep):
     form = await request.form()
     check_csrf(session, form.get("csrf"))
-    await run_in_threadpool(lambda: cancel(conn, load_job(conn, job_id, session.tenant)))
+    rec = await run_in_threadpool(load_job, conn, job_id, session.tenant)
+    try:
+        await run_in_threadpool(cancel, conn, rec)
+    except DistilleryError:
+        pass  # it ended meanwhile: the page it goes back to says how
     to = form.get("next")
     return back(to if isinstance(to, str) and to.startswith("/ui") else f"/ui/jobs/{job_id}")
 

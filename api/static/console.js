@@ -51,7 +51,9 @@ function appendEvent(ev) {
 
 function follow(el) {
   const jobId = el.dataset.follow;
-  const es = new EventSource(`/ui/jobs/${encodeURIComponent(jobId)}/events`);
+  // A job page already shows the events up to data-after: follow from there.
+  const after = el.dataset.after ? `?after=${encodeURIComponent(el.dataset.after)}` : "";
+  const es = new EventSource(`/ui/jobs/${encodeURIComponent(jobId)}/events${after}`);
   const seen = new Set();
   const handle = (msg) => {
     if (seen.has(msg.lastEventId)) return;  // replayed after a reconnect
