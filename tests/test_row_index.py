@@ -13,6 +13,7 @@ import pytest
 
 from service import row_index
 from service.store import ArtifactStore
+from tests.test_store import s3_server, s3_url  # noqa: F401  (fixtures: a moto S3 server)
 
 pytest_plugins = ["tests.redis_fixture"]
 
@@ -98,6 +99,22 @@ def test_a_search_scans_on_from_where_it_stopped(tmp_path, monkeypatch):
         offset = page["next_offset"]
         short += offset is not None and len(page["data"]) < 5  # stopped by the budget
     assert got == want and short > 0
+
+
+def test_pages_from_an_object_store(s3_url, s3_server, tmp_path):  # noqa: F811
+    """Another machine (its own empty cache) pages, filters and searches the bucket's
+    dataset with ranged reads; nothing of it is copied into its cache."""
+    rows = distilled_rows(60, seed=3)
+    ds = make(ArtifactStore(tmp_path / "writer", s3_url, s3_server), rows)
+    reader = ArtifactStore(tmp_path / "reader", s3_url, s3_server)
+    assert row_index.counts(reader, ds)["rows"] == 60
+    page = row_index.read_page(reader, ds, 5, 4, reason="ok")
+    ok = [i for i, r in enumerate(rows) if r["reason"] == "ok"]
+    assert [d["index"] for d in page["data"]] == ok[5:9]
+    assert [d["row"] for d in page["data"]] == [rows[i] for i in ok[5:9]]
+    hit = row_index.read_page(reader, ds, q="question 42:")
+    assert [d["index"] for d in hit["data"]] == [42]
+    assert not (reader.kind_dir("dataset") / ds).exists()
 
 
 def test_the_api_pages_a_distilled_upload(api, api_url, redis_conn):
