@@ -40,7 +40,7 @@ function appendEvent(ev) {
   const list = document.getElementById("events");
   if (!list) return;
   const li = document.createElement("li");
-  li.className = `${ev.type} ${ev.level}`;
+  li.className = `ev-${ev.type} ${ev.level}`;
   const when = document.createElement("time");
   when.textContent = new Date(ev.created_at * 1000).toLocaleTimeString();
   const kind = document.createElement("b");
@@ -83,7 +83,7 @@ function drawLoss() {
     `${(((x - x0) / (x1 - x0)) * 590 + 5).toFixed(1)},${(195 - ((y - y0) / (y1 - y0)) * 190).toFixed(1)}`);
   svg.querySelector("polyline").setAttribute("points", pts.join(" "));
   const last = lossPoints[lossPoints.length - 1];
-  setText("#loss-caption", `loss ${y1.toFixed(3)} → ${last[1].toFixed(3)} over steps ${x0}–${last[0]} (${lossPoints.length} points)`);
+  setText("#loss-caption", `loss ${lossPoints[0][1].toFixed(3)} → ${last[1].toFixed(3)} over steps ${x0}–${last[0]} (${lossPoints.length} points; range ${y0.toFixed(3)}–${y1.toFixed(3)})`);
 }
 
 function addLoss(step, loss) {
