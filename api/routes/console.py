@@ -111,6 +111,11 @@ def job_page(job_id: str, request: Request, session: SessionDep, conn: RedisDep)
         for i, e in enumerate(events)
         if e["type"] == "progress" and isinstance(e["data"].get("loss"), int | float)
     ]
+    # Events are written at most once a second; the record holds the latest step too.
+    latest = job.progress
+    if isinstance(latest.get("loss"), int | float) and isinstance(latest.get("step"), int):
+        if not losses or latest["step"] > losses[-1][0]:
+            losses.append([latest["step"], latest["loss"]])
     return render(
         request, "job.html", session, job=job, progress=progress_of(job), events=events,
         more_events=more, losses=json.dumps(losses), spec=json.dumps(job.spec, indent=2),
