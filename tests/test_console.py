@@ -86,6 +86,27 @@ def test_session_headers_and_escaping(api, api_url, tenant_key, redis_conn):
     assert r.status_code == 422 and "max_new_tokens" in r.text
 
 
+def test_a_pipeline_page_shows_its_steps_and_cancels(api, api_url, tenant_key, tiny_model):
+    """A pipeline started from the form: its page draws every step with its state, and
+    the page's cancel button cancels it (all steps)."""
+    ds = api.post("/v1/datasets", files={"file": ("a.jsonl", "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS))}).json()["id"]  # fmt: skip
+    c = sign_in(api_url, tenant_key[1])
+    r = c.post("/ui/jobs", data={"csrf": csrf_of(c.get("/ui/new").text), "type": "pipeline",
+                                 "dataset": ds, "model": tiny_model,
+                                 "options": '{"blocks": 2, "tasks": ["arith"]}'})  # fmt: skip
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].rsplit("/", 1)[1]
+    page = c.get(r.headers["location"]).text
+    steps = [c["step"] for c in api.get(f"/v1/jobs/{job_id}").json()["children"]]
+    assert len(steps) >= 4 and page.count('<li class="step ') == len(steps)
+    for step in steps:
+        assert f"<b>{step}</b>" in page
+    r = c.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": csrf_of(page), "next": "/ui"})
+    assert r.status_code == 303 and r.headers["location"] == "/ui"
+    done = api.get(f"/v1/jobs/{job_id}").json()
+    assert done["cancel_requested"] or done["status"] == "cancelled"
+
+
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
