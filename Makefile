@@ -5,7 +5,7 @@ PYTHON ?= python3
 DATA ?= ../shared/data
 RUN_DIR ?= runs/main
 
-.PHONY: install test test-fast lint format run run-local clean browser
+.PHONY: install test test-fast lint format run run-local clean browser screenshots
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,9 @@ test: install browser
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
-# A real headless browser for tests/test_docs_offline.py (/docs renders with no network).
+# A real headless browser for tests/test_docs_offline.py (/docs renders with no network)
+# and tests/test_console.py (the web console, driven by Playwright through executable_path:
+# Playwright downloads no browser of its own).
 # Installed from Debian's packages, only when missing (CI runs this as root on a fresh machine).
 browser:
 	@test -x /usr/bin/chromium || { \
@@ -59,6 +61,12 @@ run-local: install
 # stays up afterwards (its URL and API key are printed).
 run: install
 	$(PY) -m api.demo --data-dir $(DATA)
+
+# The README's pictures of the web console (docs/console/*.png): `distillery up` on a
+# fresh home, a few real jobs with the builtin model, Debian's chromium. Run on purpose
+# and commit the result; `make test` never writes them.
+screenshots: install browser
+	$(PY) -m tools.screenshots --data-dir $(DATA) --out docs/console
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

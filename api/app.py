@@ -12,9 +12,10 @@ import redis
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from api import errors
+from api import console, errors
 from api.keys import add_key
 from api.request_log import RequestLog
+from api.routes import console as console_routes
 from api.routes import datasets, distill, health, jobs, models
 from service import logs
 from service.settings import get_settings
@@ -55,4 +56,5 @@ def create_app(redis_url: str | None = None) -> FastAPI:
     errors.install(app)
     for module in (datasets, jobs, distill, models, health):
         app.include_router(module.router)
+    console.install(app, console_routes.router)  # the web console at /ui
     return app

@@ -7,6 +7,7 @@
         for event in c.stream_events(job.id):
             print(event.type, event.message, event.data)
         rows = c.result(job.id)
+        c.download_model("mdl_...", "./recovered")   # loads with from_pretrained
 
 The URL and key default to DISTILLERY_URL and DISTILLERY_API_KEY, else
 http://127.0.0.1:8000 and the key ``distillery up`` wrote to $DISTILLERY_HOME/api_key.
@@ -32,6 +33,8 @@ from api.schemas import (
     EventsPublic,
     JobPublic,
     JobsPublic,
+    ModelFilePublic,
+    ModelFilesPublic,
     ModelPublic,
     ModelsPublic,
     Readiness,
@@ -221,6 +224,67 @@ class Client:
 
     def get_model(self, model_id: str) -> ModelPublic:
         return ModelPublic.model_validate(self._call("GET", f"/v1/models/{model_id}").json())
+
+    def model_files(self, model_id: str) -> list[ModelFilePublic]:
+        r = self._call("GET", f"/v1/models/{model_id}/files")
+        return ModelFilesPublic.model_validate(r.json()).data
+
+    def download_model(self, model_id: str, dest: str | Path, retries: int = 8) -> Path:
+        """Download every file of a model into ``dest`` (loads with ``from_pretrained``).
+
+        Each file is written to ``NAME.part`` and renamed when its sha256 matches the
+        server's manifest. A dropped connection resumes from the bytes already written
+        (an HTTP Range request, If-Range on the file's sha256), up to ``retries`` times
+        per file, and so does a later call after an interrupted one; files already
+        complete are checked and kept."""
+        from service.store import sha256_file
+
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        for f in self.model_files(model_id):
+            target = (dest / f.name).resolve()
+            if not target.is_relative_to(root) or target == root:
+                raise ApiError(502, "bad_file_name", f"the server named a file {f.name!r}")
+            if target.is_file() and target.stat().st_size == f.size:
+                if sha256_file(target) == f.sha256:
+                    continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(target.name + ".part")
+            self._fetch_file(f"/v1/models/{model_id}/files/{f.name}", f, part, retries)
+            if sha256_file(part) != f.sha256:
+                part.unlink()
+                raise ApiError(502, "checksum_mismatch",
+                               f"{f.name}: the downloaded bytes do not match its sha256")  # fmt: skip
+            part.replace(target)
+        return dest
+
+    def _fetch_file(self, path: str, f: ModelFilePublic, part: Path, retries: int) -> None:
+        """Append the missing bytes of ``f`` to ``part``, resuming after dropped
+        connections."""
+        failures = 0
+        while True:
+            have = part.stat().st_size if part.exists() else 0
+            if have > f.size:
+                part.unlink()
+                have = 0
+            if have == f.size:
+                return
+            headers = {"Range": f"bytes={have}-", "If-Range": f'"{f.sha256}"'} if have else {}
+            try:
+                with self.http.stream("GET", path, headers=headers, timeout=None) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        self._call("GET", path)  # raises the API's error
+                    mode = "ab" if r.status_code == 206 else "wb"  # 200: the whole file
+                    with part.open(mode) as out:
+                        for chunk in r.iter_bytes(1 << 20):
+                            out.write(chunk)
+            except httpx.TransportError:  # dropped, reset, timed out: resume from `have`
+                failures += 1
+                if failures > retries:
+                    raise
+                time.sleep(min(0.5 * failures, 5.0))
 
     def ready(self) -> Readiness:
         r = self.http.get("/readyz")

@@ -159,8 +159,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Bring a local model directory into a tenant's space in the store: API callers
-    name models by id, never by a path on the server."""
+    """``import``: bring a local model directory into a tenant's space in the store (API
+    callers name models by id, never by a path on the server). ``download``: fetch a
+    model's files from a running service, resuming partial files, hashes checked."""
+    if args.action == "download":
+        with _client(args) as c:
+            folder = c.download_model(args.model_id, args.dir)
+        print(folder)
+        return 0
     from api.keys import TENANT_RE
     from service.errors import DistilleryError
     from service.models import import_model
@@ -276,7 +282,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         a.add_argument("--redis-url", help="Redis (default: REDIS_URL or the `up` one).")
     keys.set_defaults(func=cmd_keys, service=True)
 
-    models = sub.add_parser("models", help="Manage the store's models (writes to the store).")
+    models = sub.add_parser(
+        "models", help="Import a model into the store, or download one from a service."
+    )
     acts = models.add_subparsers(dest="action", required=True)
     imp = acts.add_parser(
         "import",
@@ -286,4 +294,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("path", help="Model directory (with config.json and weights).")
     imp.add_argument("--tenant", required=True, help="Tenant that will own the model.")
     imp.add_argument("--name", help="A name to show (default: the directory name).")
+    dl = acts.add_parser(
+        "download",
+        help="Download a model's files from a running service into DIR (loads with "
+        "from_pretrained); a partial download resumes; every file's sha256 is checked.",
+    )
+    dl.add_argument("model_id", help="The model id (mdl_...).")
+    dl.add_argument("dir", help="Folder to write the model into (created if missing).")
+    _client_options(dl)
     models.set_defaults(func=cmd_models, service=True)

@@ -12,6 +12,7 @@ from collections import Counter
 
 from service.datasets import parse_rows
 from service.errors import DatasetError, DistilleryError, RowError
+from service.row_index import write_index
 from service.settings import get_settings
 from service.store import ArtifactStore, NotFound, new_id
 
@@ -60,6 +61,7 @@ def save_dataset(
         source=source,
     ) as tmp:  # fmt: skip
         (tmp / "rows.jsonl").write_bytes(body)
+        write_index(tmp)  # the console's viewer pages through it (service/row_index.py)
     return store.manifest("dataset", art_id)
 
 

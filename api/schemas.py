@@ -185,6 +185,29 @@ class DatasetsPublic(BaseModel):
     next_cursor: str | None = None
 
 
+class RowPublic(BaseModel):
+    index: int = Field(description="The row's position in the dataset (0-based).")
+    row: dict[str, Any]
+
+
+class RowsPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RowPublic]
+    total: int | None = Field(
+        None, description="Rows in the selection; null for a text search (it scans)."
+    )
+    offset: int
+    next_offset: int | None = Field(None, description="Pass as ?offset= for the next page.")
+
+
+class DatasetStats(BaseModel):
+    rows: int
+    reasons: dict[str, int] = Field(
+        default_factory=dict,
+        description='Rows per reason (a distilled row\'s `reason`; "" for rows without one).',
+    )
+
+
 class ModelPublic(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -219,6 +242,17 @@ class ModelsPublic(BaseModel):
     data: list[ModelPublic]
     has_more: bool
     next_cursor: str | None = None
+
+
+class ModelFilePublic(BaseModel):
+    name: str = Field(description="Path inside the model folder, e.g. config.json.")
+    size: int = Field(description="Bytes.")
+    sha256: str
+
+
+class ModelFilesPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelFilePublic]
 
 
 # POST /v1/distill: rows in, distilled rows back. DistillSpec's own fields (minus the

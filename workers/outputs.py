@@ -25,6 +25,7 @@ import redis
 
 from service.errors import SpecError
 from service.redact import redact
+from service.row_index import write_index
 from service.store import ArtifactStore
 from workers import records
 
@@ -117,5 +118,7 @@ def register_outputs(
     with store.create(kind, artifact_id=art_id, **manifest) as tmp:
         dest = tmp / ("model" if kind == "model" else name)
         shutil.move(str(src), str(dest))
+        if kind == "dataset":
+            write_index(tmp)  # pages and per-reason counts for the viewer (the console's)
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return {kind: art_id}

@@ -1,4 +1,5 @@
-"""/v1/datasets: upload (multipart or application/x-ndjson), list, get, content, delete.
+"""/v1/datasets: upload (multipart or application/x-ndjson), list, get, content, pages of
+rows (through the index written with the dataset), per-reason counts, delete.
 
 curl -H "Authorization: Bearer $KEY" -F file=@rows.jsonl http://127.0.0.1:8000/v1/datasets
 """
@@ -14,7 +15,8 @@ from starlette.datastructures import UploadFile
 
 from api.datasets import owned, page, save_dataset
 from api.deps import AllTenants, CallerDep, SettingsDep, StoreDep, TenantDep
-from api.schemas import DatasetPublic, DatasetsPublic
+from api.schemas import DatasetPublic, DatasetsPublic, DatasetStats, RowsPage
+from service.row_index import counts, read_page
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -125,6 +127,35 @@ def get_dataset_content(dataset_id: str, tenant: TenantDep, store: StoreDep) -> 
     owned(store, "dataset", dataset_id, tenant)
     path = store.path("dataset", dataset_id) / "rows.jsonl"
     return FileResponse(path, media_type="application/x-ndjson", filename=f"{dataset_id}.jsonl")
+
+
+@router.get(
+    "/{dataset_id}/rows",
+    summary="A page of rows (all, one reason's, or a text search), read through the index",
+)
+def get_dataset_rows(
+    dataset_id: str,
+    tenant: TenantDep,
+    store: StoreDep,
+    offset: Annotated[int, Query(ge=0, description="Rows of the selection to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    reason: Annotated[
+        str | None,
+        Query(max_length=64, description="Only rows of this reason (ok, empty, truncated, ...)."),
+    ] = None,
+    q: Annotated[
+        str | None,
+        Query(max_length=200, description="Only rows with this text in a value (a scan)."),
+    ] = None,
+) -> RowsPage:
+    owned(store, "dataset", dataset_id, tenant)
+    return RowsPage.model_validate(read_page(store, dataset_id, offset, limit, reason, q))
+
+
+@router.get("/{dataset_id}/stats", summary="Rows, and rows per reason (from the index)")
+def get_dataset_stats(dataset_id: str, tenant: TenantDep, store: StoreDep) -> DatasetStats:
+    owned(store, "dataset", dataset_id, tenant)
+    return DatasetStats.model_validate(counts(store, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset")
