@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DISTILLERY_HOME"] = str(work / "home")
     import redis
     import uvicorn
-    from api.keys import create_key
-    from api.redis_server import free_port, start_redis
 
     from api.app import create_app
+    from api.keys import create_key
+    from api.redis_server import free_port, start_redis
     from service.store import ArtifactStore
 
     server = start_redis(work / "redis")

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import httpx
-from api.redis_server import free_port
 
 from api.client import Client
+from api.redis_server import free_port
 
 
 def start_up(home: Path) -> tuple[subprocess.Popen, str, str]:
