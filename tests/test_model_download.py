@@ -179,3 +179,23 @@ def test_client_refuses_bytes_that_do_not_match(api_url, tenant_key, tiny_model,
     with Client(api_url, tenant_key[1]) as c, pytest.raises(ApiError, match="sha256"):
         c.download_model(tiny_model, dest)
     assert not (dest / "config.json").exists() and not (dest / "config.json.part").exists()
+
+
+@pytest.mark.slow
+def test_a_downloaded_model_runs_in_vllm(api_url, tenant_key, tiny_model, tmp_path):
+    """The folder a caller downloads is a model vLLM serves, not only one transformers
+    reads."""
+    from service.teacher.base import GenParams, Request
+    from service.teacher.vllm_engine import VLLMEngine
+    from tests.test_vllm import vllm_settings  # vLLM's environment, restored afterwards
+
+    dest = tmp_path / "model"
+    with Client(api_url, tenant_key[1]) as c:
+        c.download_model(tiny_model, dest)
+    with vllm_settings():
+        engine = VLLMEngine(str(dest), dtype="float32")
+        try:
+            (gen,) = engine.generate([Request((("user", "Hello"),))], GenParams(4), [0])
+            assert gen.tokens == 4 or gen.finish_reason == "stop", gen
+        finally:
+            engine.close()
