@@ -48,7 +48,7 @@ from service.datasets import write_jsonl
 from service.models import DEFAULT_MODEL
 from service.progress import ConsoleReporter, Reporter
 from service.specs import (
-    PIPELINE_LORA_TARGETS,
+    LLAMA_PROJECTIONS,
     DistillSpec,
     EvaluateSpec,
     FinetuneSpec,
@@ -70,7 +70,7 @@ PAIRS = [
 # The stronger adapter tried on one condition first (SD, 6 blocks): every projection of
 # attention and MLP at rank 16, as QLoRA and LLaMA-Factory's "all" target; the pipeline's
 # default since it won (service/specs.py), so one list serves both.
-PROBE_TARGETS = list(PIPELINE_LORA_TARGETS)
+PROBE_TARGETS = list(LLAMA_PROJECTIONS)
 
 
 def cpu_name() -> str:
