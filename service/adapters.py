@@ -98,8 +98,14 @@ def _shape_of_config(cfg_json: str, ref: str) -> ModelShape:
         )
     except Exception as exc:
         raise SpecError(f"{ref}: its config does not read as {model_type}: {exc}") from exc
-    text = config.get_text_config()
-    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_decoder", True) is False:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    # An encoder (BERT, RoBERTa: masked LMs that transformers can also run as causal LMs)
+    # or an encoder-decoder (T5) is not a model whose blocks this method prunes.
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    ):
         raise SpecError(
             f"{ref}: {model_type} is not a decoder-only model: layer pruning and self-data "
             "distillation work on decoder-only causal LMs",

@@ -131,8 +131,12 @@ def _builtin_gguf(name: str, home: Path | None = None) -> Path:
 def _builtin_gguf_head(name: str, home: Path | None = None) -> Path:
     """A file that starts with the builtin's GGUF header: a chunked package's first chunk
     (its metadata is read there, before anything is assembled), else the GGUF itself."""
-    pkg = BUILTINS[name][0]
-    if importlib.util.find_spec(pkg) is not None:
+    pkg, fname, _ = BUILTINS[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is not None:  # the file itself, where the package ships it whole
+        for loc in spec.submodule_search_locations or []:
+            if hits := list(Path(loc).rglob(fname)):
+                return hits[0]
         module = importlib.import_module(pkg)
         if hasattr(module, "chunk_paths"):
             try:
