@@ -40,27 +40,11 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def build_tiny_llama(
     out: Path, tokenizer_dir: Path, layers: int = 6, hidden: int = 64, seed: int = 0
 ) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama (tied embeddings, two heads of 32): ``tests/tiny_models.py``
+    builds every family's tiny model."""
+    from tests.tiny_models import build_tiny
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny("llama", out, tokenizer_dir, layers=layers, hidden=hidden, seed=seed)
 
 
 @pytest.fixture(scope="session")
