@@ -188,49 +188,16 @@ def adapted_modules(peft_model, shape: ModelShape) -> dict[str, list[str]]:
 
 def model_shape(ref: str, home: Path | None = None) -> ModelShape | None:
     """The ``ModelShape`` of a model reference from its config alone (a builtin: its
-    architecture; a store model, a directory, a hub id: its ``config.json``). None for a
-    ``job_...`` reference (an earlier step's product, checked when it runs) and a hub
-    model whose config cannot be had now (the worker reports that)."""
-    from service.models import (
-        BUILTINS,
-        HUB_PREFIX,
-        MAX_CONFIG_BYTES,
-        _hub_config,
-        builtin_config,
-    )
-    from service.settings import get_settings
-    from service.store import is_artifact_id
+    architecture, ``service.models.builtin_config``; a store model, a directory, a hub
+    id: its ``config.json``). None for a ``job_...`` reference (an earlier step's product,
+    checked when it runs); ModelError where the config cannot be read."""
+    from service.models import builtin_config, builtin_name, config_source, read_config
 
     if ref.startswith("job_"):
         return None
-    if ref.startswith("builtin:"):
-        name = ref.split(":", 1)[1]
-        if name not in BUILTINS:
-            raise ModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
-        return shape_of_config(builtin_config(name), ref)
-    home = home or get_settings().home_dir()
-    if is_artifact_id(ref):
-        from service.store import ArtifactStore
-
-        path: Path | bytes = (
-            ArtifactStore.from_settings(home=home).path("model", ref) / "model" / "config.json"
-        )
-    elif ref.startswith(HUB_PREFIX) or (
-        ref.count("/") == 1 and not ref.startswith((".", "/")) and not Path(ref).exists()
-    ):
-        try:
-            path = _hub_config(ref.removeprefix(HUB_PREFIX))
-        except ModelError:
-            return None
-    else:
-        path = Path(ref).expanduser() / "config.json"
-    try:
-        raw = path.read_bytes() if isinstance(path, Path) else path
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
-        cfg = json.loads(raw)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the config.json of {ref!r}: {type(exc).__name__}") from exc
+    if name := builtin_name(ref):
+        return shape_of_config(builtin_config(name, home), ref)
+    cfg = read_config(*config_source(ref, home))
     if not isinstance(cfg, dict):
         raise ModelError(f"the config.json of {ref!r} is not an object")
     return shape_of_config(cfg, ref)

@@ -148,6 +148,17 @@ def _builtin_gguf_head(name: str, home: Path | None = None) -> Path:
     return _builtin_gguf(name, home)
 
 
+def builtin_name(ref: str) -> str | None:
+    """The builtin a ``builtin:NAME`` reference names (ModelError for an unknown one);
+    None for any other reference."""
+    if not ref.startswith("builtin:"):
+        return None
+    name = ref.split(":", 1)[1]
+    if name not in BUILTINS:
+        raise ModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
+    return name
+
+
 def builtin_config(name: str, home: Path | None = None) -> dict:
     """A builtin's config without converting it: the converted copy's config.json when
     there is one, else the default config of its architecture (module names, not sizes,
@@ -297,31 +308,36 @@ def model_depth(ref: str, home: Path | None = None) -> int | None:
     directory's ``config.json``, a hub model's ``config.json`` (from the local cache, else
     that one file from the hub). None for a ``job_...`` reference (an earlier step's
     product); ModelError when the depth cannot be read."""
-    from service.settings import get_settings
-    from service.store import is_artifact_id
 
     if not isinstance(ref, str) or not ref.strip():
         raise ModelError("model reference must be a non-empty string")
     if ref.startswith("job_"):
         return None
-    if ref.startswith("builtin:"):
-        name = ref.split(":", 1)[1]
-        if name not in BUILTINS:
-            raise ModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
+    if name := builtin_name(ref):
         return gguf_block_count(_builtin_gguf_head(name, home))
+    return config_depth(*config_source(ref, home))
+
+
+def config_source(ref: str, home: Path | None = None) -> tuple[Path | bytes, str]:
+    """Where the ``config.json`` of a store model, a local directory or a hub model is (its
+    file, or a hub model's bytes: the local cache's copy, else that one file from the
+    hub), read without loading anything, and the name messages give the model."""
+    from service.settings import get_settings
+    from service.store import is_artifact_id
+
     if is_artifact_id(ref):
         from service.store import ArtifactStore
 
         store = ArtifactStore.from_settings(home=home or get_settings().home_dir())
-        return config_depth(store.path("model", ref) / "model" / "config.json", ref)
+        return store.path("model", ref) / "model" / "config.json", ref
     if ref.startswith(HUB_PREFIX):
         repo = ref[len(HUB_PREFIX) :]
-        return config_depth(_hub_config(repo), repo)
+        return _hub_config(repo), repo
     p = Path(ref).expanduser()
     if p.exists():
-        return config_depth(p / "config.json", ref)
+        return p / "config.json", ref
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
-        return config_depth(_hub_config(ref), ref)
+        return _hub_config(ref), ref
     raise ModelError(f"unknown model reference {ref!r}")
 
 
@@ -395,18 +411,23 @@ def gguf_value(path: Path, name: str, max_keys: int = 10_000):
     raise KeyError(f"no metadata key {name}")
 
 
-def config_depth(config: Path | bytes, ref: str) -> int:
-    """The depth a ``config.json`` (a file, or its bytes) declares: top level, or a
-    multimodal model's ``text_config``."""
+def read_config(config: Path | bytes, ref: str):
+    """The parsed ``config.json`` (a file, or its bytes), refused above MAX_CONFIG_BYTES."""
     try:
         if isinstance(config, Path) and config.stat().st_size > MAX_CONFIG_BYTES:
             raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
         raw = config.read_bytes() if isinstance(config, Path) else config
         if len(raw) > MAX_CONFIG_BYTES:
             raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
-        cfg = json.loads(raw)
+        return json.loads(raw)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config.json of {ref!r}: {type(exc).__name__}") from exc
+
+
+def config_depth(config: Path | bytes, ref: str) -> int:
+    """The depth a ``config.json`` (a file, or its bytes) declares: top level, or a
+    multimodal model's ``text_config``."""
+    cfg = read_config(config, ref)
     for doc in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
         if not isinstance(doc, dict):
             continue

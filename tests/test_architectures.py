@@ -2,7 +2,7 @@
 models of twelve families (``tests/tiny_models.py``: hidden 64, 6 blocks, head size 32,
 the builtin's tokenizer).
 
-    .venv/bin/python -m pytest -q tests/test_architectures.py          # ~N min, see below
+    .venv/bin/python -m pytest -q tests/test_architectures.py   # 5.5 min on 2 shared cores
     .venv/bin/python -m pytest -q tests/test_architectures.py -k phi3
 
 Per family: prune 2 of 6 blocks with both metrics → each pruned model loads with
@@ -27,6 +27,11 @@ import pytest
 import torch
 
 from tests.conftest import ALPACA_ROWS
+from tests.test_vllm import (
+    assert_greedy_matches,
+    one_thread,  # noqa: F401  (autouse: one thread on a shared machine)
+    vllm_settings,
+)
 from tests.tiny_models import FAMILIES, build_tiny
 
 pytestmark = [
@@ -47,15 +52,6 @@ PROMPTS = [
 # layers of a Qwen3-MoE with mlp_only_layers, which peft's transformers-5 MoE conversion
 # maps onto the experts' fused parameters. Reported in the metrics, never silently.
 NOT_ADAPTED = {"qwen3_moe": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # As tests/test_vllm.py: on a shared machine, spinning OpenMP threads slow every step.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +123,6 @@ def test_every_step_on_every_architecture(
     from service.teacher.base import GenParams, Request
     from service.teacher.hf_engine import HFEngine
     from service.teacher.vllm_engine import VLLMEngine
-    from tests.test_vllm import assert_greedy_matches, vllm_settings
 
     base = build_tiny(family, tmp_path / "base", tokenizer_dir, initializer_range=0.1)
     original = AutoModelForCausalLM.from_pretrained(base).eval()
