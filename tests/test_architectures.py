@@ -2,7 +2,7 @@
 models of twelve families (``tests/tiny_models.py``: hidden 64, 6 blocks, head size 32,
 the builtin's tokenizer).
 
-    .venv/bin/python -m pytest -q tests/test_architectures.py   # 5.5 min on 2 shared cores
+    .venv/bin/python -m pytest -q tests/test_architectures.py   # 3-5.5 min on 2 shared cores
     .venv/bin/python -m pytest -q tests/test_architectures.py -k phi3
 
 Per family: prune 2 of 6 blocks with both metrics → each pruned model loads with
