@@ -152,9 +152,19 @@ def check_targets(targets: list[str], shape: ModelShape, ref: str) -> None:
         )
 
 
-def lora_targets(targets: list[str]) -> str | list[str]:
-    """The ``target_modules`` value for peft's ``LoraConfig``."""
-    return ALL_LINEAR if list(targets) == [ALL_LINEAR] else list(targets)
+def lora_targets(targets: list[str], shape: ModelShape) -> tuple[str | list[str], list[str]]:
+    """(``target_modules``, ``target_parameters``) for peft's ``LoraConfig``: a name that
+    matches a parameter (``experts.gate_up_proj`` of a Mixtral) and no linear module goes
+    to ``target_parameters`` as its paths inside a block."""
+    if list(targets) == [ALL_LINEAR]:
+        return ALL_LINEAR, []
+
+    def hits(name: str, paths) -> list[str]:
+        return [p for p in paths if p == name or p.endswith("." + name)]
+
+    modules = [t for t in targets if hits(t, shape.linear)]
+    params = sorted({p for t in targets if t not in modules for p in hits(t, shape.parameters)})
+    return modules, params
 
 
 def adapted_modules(peft_model, shape: ModelShape) -> dict[str, list[str]]:

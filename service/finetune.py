@@ -164,10 +164,12 @@ class FinetuneRecipe:
         # structure before the adapters go on, as at submission.
         shape = shape_of_model(model)
         check_targets(list(spec.target_modules), shape, spec.model)
+        modules, parameters = lora_targets(spec.target_modules, shape)
         # peft adapts mixture-of-experts experts (parameters, not nn.Linear) through
         # lora.ParamWrapper, which has no dropout: such a model trains without.
         self.lora_dropout = spec.lora_dropout
-        if shape.parameters and spec.lora_dropout and list(spec.target_modules) == [ALL_LINEAR]:
+        experts = parameters or (modules == ALL_LINEAR and shape.parameters)
+        if experts and spec.lora_dropout:
             self.lora_dropout = 0.0
             self.reporter.event(
                 f"lora_dropout {spec.lora_dropout} -> 0: peft adapts the experts of "
@@ -179,7 +181,8 @@ class FinetuneRecipe:
             r=spec.lora_rank,
             lora_alpha=spec.lora_alpha,
             lora_dropout=self.lora_dropout,
-            target_modules=lora_targets(spec.target_modules),
+            target_modules=modules,
+            target_parameters=parameters or None,
             bias="none",
             task_type="CAUSAL_LM",
         )

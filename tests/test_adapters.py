@@ -129,3 +129,21 @@ def test_submission_answers_422_with_the_models_module_names(
     # The defaults and a matching list are accepted.
     ok = {"type": "finetune", "model": phi3, "dataset": ds, "target_modules": ["qkv_proj"]}
     assert api.post("/v1/jobs", json=ok).status_code == 202
+
+
+def test_an_expert_parameter_named_in_a_list_is_adapted(tiny, alpaca_file, tmp_path):
+    """Mixtral's experts are parameters: a list naming one goes to peft's
+    target_parameters (and LoRA dropout, which peft has none of there, to 0)."""
+    from service.finetune import run_finetune
+    from service.specs import FinetuneSpec
+
+    spec = FinetuneSpec(
+        model=str(tiny["mixtral"]), dataset=str(alpaca_file), max_length=48, batch_size=8,
+        target_modules=["q_proj", "experts.gate_up_proj"],
+    )  # fmt: skip
+    result = run_finetune(spec, tmp_path / "out")
+    adapted = result["adapted_modules"]
+    assert adapted["modules"] == ["self_attn.q_proj"]
+    assert adapted["parameters"] == ["mlp.experts.gate_up_proj"]
+    assert "mlp.experts.down_proj" in adapted["not_adapted"]
+    assert result["lora_dropout"] == 0.0
