@@ -306,3 +306,21 @@ def test_a_periodic_moe_pattern_is_written_out_per_layer(tokenizer_dir, tmp_path
     ]
     assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj,
                        model.model.layers[0].mlp.experts.down_proj)  # fmt: skip
+
+
+def test_a_layer_count_threshold_counts_the_kept_layers(tokenizer_dir, tmp_path):
+    """Qwen2/3 slide their window from block max_window_layers on: cutting blocks 0 and 4
+    of 6 with the threshold at 3 leaves two kept blocks below it."""
+    from tests.tiny_models import build_tiny
+
+    src = build_tiny("qwen2", tmp_path / "src", tokenizer_dir, use_sliding_window=True,
+                     sliding_window=16, max_window_layers=3)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(src)
+    types = list(model.config.layer_types)
+    assert types == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    drop_blocks(model, [0, 4])
+    assert model.config.max_window_layers == 2
+    assert model.config.layer_types == [types[i] for i in (1, 2, 3, 5)]
+    model.save_pretrained(tmp_path / "cut")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    assert loaded.config.layer_types == model.config.layer_types
