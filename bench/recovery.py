@@ -48,7 +48,7 @@ from service.datasets import write_jsonl
 from service.models import DEFAULT_MODEL
 from service.progress import ConsoleReporter, Reporter
 from service.specs import (
-    PIPELINE_LORA_TARGETS,
+    LLAMA_PROJECTIONS,
     DistillSpec,
     EvaluateSpec,
     FinetuneSpec,
@@ -70,7 +70,11 @@ PAIRS = [
 # The stronger adapter tried on one condition first (SD, 6 blocks): every projection of
 # attention and MLP at rank 16, as QLoRA and LLaMA-Factory's "all" target; the pipeline's
 # default since it won (service/specs.py), so one list serves both.
-PROBE_TARGETS = list(PIPELINE_LORA_TARGETS)
+PROBE_TARGETS = list(LLAMA_PROJECTIONS)  # Gemma 3's blocks have the same seven
+MODEL_NAMES = {
+    DEFAULT_MODEL: "SmolLM2-135M-Instruct",
+    "builtin:gemma3-270m": "Gemma-3-270M (base)",
+}
 
 
 def cpu_name() -> str:
@@ -106,6 +110,11 @@ class Experiment:
                 "eval_limit", "tasks", "agreement_prompts", "blocks", "seed",
             )
         }  # fmt: skip
+        # Sizes pruned and evaluated without fine-tuning (the checked prune's retention);
+        # recorded only when set, so an older record's settings still compare.
+        self.prune_blocks = [int(b) for b in args.prune_blocks.split(",") if b.strip()]
+        if self.prune_blocks:
+            self.config["prune_blocks"] = args.prune_blocks
 
     # -- bookkeeping -------------------------------------------------------------------
     def _read(self, name: str) -> dict | None:
@@ -179,7 +188,8 @@ class Experiment:
         from service.models import load_model
         from service.prune import run_prune, score_calibration
 
-        todo = [n for n in self.blocks if not (self.pruned(n) / "prune_report.json").is_file()]
+        sizes = list(dict.fromkeys(self.blocks + self.prune_blocks))
+        todo = [n for n in sizes if not (self.pruned(n) / "prune_report.json").is_file()]
         if not todo:
             return
         base = PruneSpec(
@@ -312,6 +322,9 @@ class Experiment:
         # recorded already: rebuilt only when an SD condition still needs the rows
         yield "distill", lambda: self._read("distill_summary.json") or self.distill()
         yield "evaluate unpruned", lambda: self.evaluate("unpruned", agreement=False)
+        for n in self.prune_blocks:
+            if n not in self.blocks:
+                yield f"evaluate pruned {n}", lambda n=n: self.evaluate(f"pruned-{n}")
         for n in self.blocks:
             yield f"evaluate pruned {n}", lambda n=n: self.evaluate(f"pruned-{n}")
             for cond in CONDITIONS:
@@ -385,8 +398,15 @@ def write_results(exp: Experiment, dest: Path) -> None:
         f".venv/bin/python -m bench.recovery --data-dir ../shared/data --out {args.out} "
         f"--rows {args.rows} --epochs {args.epochs} --lr {args.lr} --blocks {args.blocks}"
     )
+    if args.model != DEFAULT_MODEL:
+        cmd += f" --model {args.model} --record {args.record} --results {args.results}"
+    if exp.prune_blocks:
+        cmd += f" --prune-blocks {args.prune_blocks}"
+    from service.models import model_depth
+
+    depth = model_depth(args.model)
     lines = [
-        "# Results: recovering a pruned SmolLM2-135M-Instruct",
+        f"# Results: recovering a pruned {MODEL_NAMES.get(args.model, args.model)}",
         "",
         "Written by `bench/recovery.py`; rerun to resume or refresh:",
         "",
@@ -398,7 +418,7 @@ def write_results(exp: Experiment, dest: Path) -> None:
         "",
         "## Setup",
         "",
-        f"- Model: `{args.model}` (30 decoder blocks), fp32 on a 2-core CPU.",
+        f"- Model: `{args.model}` ({depth} decoder blocks), fp32 on a 2-core CPU.",
         "- Pruning: `distillery prune` defaults (angular distance on 128 Alpaca rows as "
         "plain text, read at the last content token, the choice checked by KL among the "
         "best candidates); one calibration pass, every size cut from its scores.",
@@ -431,7 +451,12 @@ def write_results(exp: Experiment, dest: Path) -> None:
     head = "| model | " + " | ".join(tasks) + " | average | retention | KL | top-1 | acceptance |"
     rule = "|" + "---|" * (len(tasks) + 6)
     lines += ["", "## Main table", "", head, rule]
-    lines.append(model_row("unpruned (30 blocks)", base, base, tasks))
+    lines.append(model_row(f"unpruned ({depth} blocks)", base, base, tasks))
+    for n in sorted(set(exp.prune_blocks) - set(exp.blocks)):
+        removed = (exp._read(f"prune-{n}.json") or {}).get("removed_layers", "?")
+        lines.append(
+            model_row(f"{n} blocks {removed}, no fine-tuning", ev(f"pruned-{n}"), base, tasks)
+        )
     for n in exp.blocks:
         report = exp._read(f"prune-{n}.json") or {}
         removed = report.get("removed_layers", "?")
@@ -506,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--blocks", default="6,10", help="prune sizes, in order of importance")
+    ap.add_argument(
+        "--prune-blocks",
+        default="",
+        help="more prune sizes, evaluated without fine-tuning (e.g. 2,4 beside --blocks 6)",
+    )
     ap.add_argument("--rows", type=int, default=512, help="recovery rows (Alpaca + GSM8K)")
     ap.add_argument("--gsm8k-fraction", type=float, default=0.25)
     ap.add_argument("--max-new-tokens", type=int, default=256)

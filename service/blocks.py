@@ -38,6 +38,11 @@ from service.errors import ModelError, SpecError
 # Per-layer lists in configs that must lose the same entries as the layers. Gemma-3
 # configs whose ``layer_types`` was not cut failed to load after depth pruning.
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+# Lists of layer *indices* (Qwen-MoE's dense layers): kept ones are renumbered.
+LAYER_INDEX_KEYS = ("mlp_only_layers",)
+# Layer-count thresholds (Qwen2/3: layers from max_window_layers on use the sliding window
+# when use_sliding_window is set): the count of kept layers below the old threshold.
+LAYER_THRESHOLD_KEYS = ("max_window_layers",)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -204,9 +209,36 @@ def drop_blocks(model: nn.Module, indices: Iterable[int]) -> nn.Module:
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if getattr(cfg, "num_hidden_layers", None) != L:
             continue
-        for key in PER_LAYER_KEYS:
-            value = getattr(cfg, key, None)
-            if isinstance(value, list | tuple) and len(value) == L:
-                setattr(cfg, key, [value[i] for i in keep])
-        cfg.num_hidden_layers = len(keep)
+        cut_layer_config(cfg, keep)
     return model
+
+
+def cut_layer_config(cfg, keep: list[int]) -> None:
+    """Make a config of ``L`` layers describe the kept ones (old 0-based indices, in
+    order): per-layer lists lose the dropped entries, index lists are renumbered,
+    thresholds become counts of kept layers, and a periodic pattern that a cut would shift
+    is written out per layer."""
+    L = cfg.num_hidden_layers
+    new_index = {old: new for new, old in enumerate(keep)}
+    step = getattr(cfg, "decoder_sparse_step", None)
+    if isinstance(step, int) and step > 1:
+        # Qwen-MoE: layer i is sparse when (i + 1) % step == 0 and i is not listed dense.
+        # The modulus would shift with the indices; every kept layer's kind is kept by
+        # listing the dense ones instead (transformers and vLLM read both fields).
+        dense = set(getattr(cfg, "mlp_only_layers", None) or [])
+        dense |= {i for i in range(L) if (i + 1) % step != 0}
+        cfg.mlp_only_layers = sorted(dense)
+        cfg.decoder_sparse_step = 1
+    for key in PER_LAYER_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, list | tuple) and len(value) == L:
+            setattr(cfg, key, [value[i] for i in keep])
+    for key in LAYER_INDEX_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, list | tuple):
+            setattr(cfg, key, [new_index[i] for i in value if i in new_index])
+    for key in LAYER_THRESHOLD_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and 0 <= value < L:
+            setattr(cfg, key, sum(1 for i in keep if i < value))
+    cfg.num_hidden_layers = len(keep)

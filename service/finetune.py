@@ -6,8 +6,11 @@ the loss on response tokens only, then merge them so the result is a plain model
 
 A torchtune-style recipe: one class with ``setup / train / save_checkpoint /
 save_model / cleanup`` and the loop in plain sight. Defaults (``FinetuneSpec``) follow
-SDFT (sail-sg/sdft, LLaMA-Factory): LoRA on q_proj,v_proj, rank 8, lr 1e-4 with cosine
-decay, effective batch 8. Every ``checkpoint_every`` steps (and when cancelled or
+SDFT (sail-sg/sdft, LLaMA-Factory): rank 8, lr 1e-4 with cosine decay, effective batch 8;
+the adapters go on every linear layer of the decoder blocks (peft's ``all-linear``, found
+on the model: ``service/adapters.py``), where SDFT adapts ``q_proj,v_proj`` (still
+selectable: ``--target-modules q_proj,v_proj``). The result lists what was adapted and
+what was left out (``adapted_modules``). Every ``checkpoint_every`` steps (and when cancelled or
 interrupted) the recipe writes ``<out>.ckpt``, one self-describing file (adapter,
 optimizer, scheduler, RNG state, step, epoch and position, spec, loss log) in the
 manner of nanoGPT; ``--resume`` continues from it to the same weights and loss log an
@@ -50,6 +53,13 @@ import torch
 import torch.nn.functional as F
 
 from service import distributed
+from service.adapters import (
+    ALL_LINEAR,
+    adapted_modules,
+    check_targets,
+    lora_targets,
+    shape_of_model,
+)
 from service.datasets import load_rows
 from service.errors import CancelledError, DatasetError, DistilleryError, SpecError
 from service.models import load_model
@@ -150,12 +160,29 @@ class FinetuneRecipe:
         self.steps_per_epoch = steps_per_epoch(len(self.examples), spec.batch_size)
         self.steps_total = math.ceil(spec.epochs * self.steps_per_epoch)
 
+        # Every name must match (peft raises only when none does): checked on the model's
+        # structure before the adapters go on, as at submission.
+        shape = shape_of_model(model)
+        check_targets(list(spec.target_modules), shape, spec.model)
+        modules, parameters = lora_targets(spec.target_modules, shape)
+        # peft adapts mixture-of-experts experts (parameters, not nn.Linear) through
+        # lora.ParamWrapper, which has no dropout: such a model trains without.
+        self.lora_dropout = spec.lora_dropout
+        experts = parameters or (modules == ALL_LINEAR and shape.parameters)
+        if experts and spec.lora_dropout:
+            self.lora_dropout = 0.0
+            self.reporter.event(
+                f"lora_dropout {spec.lora_dropout} -> 0: peft adapts the experts of "
+                f"{shape.architecture} without dropout",
+                level="warning",
+            )
         torch.manual_seed(spec.seed)  # LoRA A init, then dropout
         lora = LoraConfig(
             r=spec.lora_rank,
             lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            target_modules=list(spec.target_modules),
+            lora_dropout=self.lora_dropout,
+            target_modules=modules,
+            target_parameters=parameters or None,
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -163,6 +190,13 @@ class FinetuneRecipe:
             self.model = get_peft_model(model, lora)
         except ValueError as exc:  # target modules missing from this architecture
             raise SpecError(f"cannot add LoRA adapters: {exc}") from exc
+        self.adapted = adapted_modules(self.model, shape)
+        if self.adapted["not_adapted"]:
+            self.reporter.event(
+                f"not adapted: {', '.join(self.adapted['not_adapted'])} (adapted: "
+                f"{', '.join(self.adapted['modules'] + self.adapted['parameters'])})",
+                level="warning" if list(spec.target_modules) == [ALL_LINEAR] else "info",
+            )
         self.model.train()
         self.device = next(self.model.parameters()).device
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -218,6 +252,9 @@ class FinetuneRecipe:
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        scale = getattr(model.config, "logits_scaling", None)
+        if scale and scale != 1:  # Granite divides its logits; its own forward does so
+            logits = logits / scale
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:  # Gemma 2/3 cap their logits; the model's own forward does the same
             logits = torch.tanh(logits / cap) * cap
@@ -427,6 +464,9 @@ class FinetuneRecipe:
             "skipped_rows": len(self.skipped),
             "skipped_row_numbers": self.skipped,
             "world_size": self.world,
+            # Paths inside a decoder block: what got adapters, and what did not.
+            "adapted_modules": self.adapted,
+            "lora_dropout": self.lora_dropout,
         }
         (tmp / "train_log.json").write_text(json.dumps(summary, indent=1))
         if self.out.exists():

@@ -28,6 +28,59 @@ def _shape_of(path: Path) -> dict:
     return {k: cfg.get(k) for k in keys}
 
 
+def tensor_names(model_dir: Path) -> set[str]:
+    """The tensor names of a safetensors checkpoint, from its headers (no weights read)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            names |= set(st.keys())
+    return names
+
+
+def slerp_checkpoints(paths: list[Path], t: float, out: Path) -> None:
+    """SLERP every tensor of two checkpoints of one layout with mergekit's own ``slerp``
+    (its per-tensor formula), written with the first model's config and tokenizer.
+
+    Ours, beside mergekit's run: mergekit reads a model through a JSON description of its
+    architecture, and for some families it names tensors this transformers does not write
+    (GPT-NeoX's ``attention.bias`` buffer; Qwen3-MoE's experts fused), while its
+    name-inferring fallback leaves tensors out (GPT-NeoX's untied ``embed_out``, every
+    Qwen3-MoE expert). Tensor by tensor over the checkpoints themselves, nothing is left
+    out; the whole model is held in memory, twice."""
+    import torch
+    from mergekit.merge_methods.slerp import slerp
+    from safetensors.torch import load_file, save_file
+
+    def load(p: Path) -> dict:
+        out: dict = {}
+        for f in sorted(p.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = load(paths[0]), load(paths[1])
+    if a.keys() != b.keys():
+        raise ModelError(
+            f"the two models hold different tensors: {sorted(a.keys() ^ b.keys())[:5]}"
+        )
+    merged = {}
+    for k, v0 in a.items():
+        if v0.is_floating_point() and v0.shape == b[k].shape:
+            v = slerp(torch.tensor(t), v0.float(), b[k].float()).to(v0.dtype)
+            merged[k] = v.contiguous()
+        else:
+            merged[k] = v0
+    out.mkdir(parents=True)
+    save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
+    # The config, generation config and tokenizer; not the first model's own reports.
+    skip = ("train_log.json", "prune_report.json", "merge_report.json")
+    for f in paths[0].iterdir():
+        if f.is_file() and f.suffix in (".json", ".model", ".txt", ".jinja"):
+            if f.name not in skip and not f.name.endswith(".index.json"):
+                shutil.copy2(f, out / f.name)
+
+
 def run_merge(spec: MergeSpec, out: Path, reporter: Reporter | None = None) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions
@@ -60,11 +113,26 @@ def run_merge(spec: MergeSpec, out: Path, reporter: Reporter | None = None) -> d
     out = Path(out)
     tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:6]}")
     options = MergeOptions(copy_tokenizer=True, write_model_card=False, quiet=True, device="cpu")
-    mergekit_run(config, str(tmp), options)
+    method = "slerp (mergekit)"
+    try:
+        mergekit_run(config, str(tmp), options)
+        complete = tensor_names(tmp) == tensor_names(paths[0])
+    except RuntimeError as exc:
+        if "required but not present" not in str(exc):
+            raise
+        complete = False
+    if not complete:  # see slerp_checkpoints: mergekit's layout does not fit
+        shutil.rmtree(tmp, ignore_errors=True)
+        reporter.event(f"mergekit's layout of {shapes[0]['architectures']} does not fit; "
+                       "merging tensor by tensor")  # fmt: skip
+        slerp_checkpoints(paths, spec.t, tmp)
+        method = "slerp (mergekit's formula, tensor by tensor)"
+        if tensor_names(tmp) != tensor_names(paths[0]):
+            raise ModelError("the merged model does not hold every tensor of its inputs")
     result = {
         "models": list(spec.models),
         "t": spec.t,
-        "method": "slerp (mergekit)",
+        "method": method,
         "seconds": round(time.monotonic() - started, 2),
     }
     (tmp / "merge_report.json").write_text(json.dumps(result, indent=2))

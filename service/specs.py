@@ -150,37 +150,57 @@ class DistillSpec(Spec):
         return check_teacher_dtype(self)
 
 
+ALL_LINEAR = "all-linear"  # service/adapters.py
+
+
 def check_module_names(names: list[str]) -> list[str]:
-    """Module names that get adapters: plain identifiers, never a path or a pattern."""
+    """Module names that get adapters: plain identifiers (a module's last name, or a dotted
+    path inside a block), never a pattern; or ``all-linear`` alone."""
+    if ALL_LINEAR in names:
+        if len(names) > 1:
+            raise ValueError(f"{ALL_LINEAR} stands alone: it already names every linear layer")
+        return names
     for name in names:
-        if not name.replace("_", "").isalnum():
+        if not all(part.replace("_", "").isalnum() for part in name.split(".")):
             raise ValueError(f"bad module name {name!r}")
     return names
 
 
-# The pipeline's adapter: rank 16 on every attention and MLP projection (QLoRA's and
-# LLaMA-Factory's "all"). Measured against SDFT's rank 8 on q_proj,v_proj on self-data
-# distillation of the 6-block prune (bench/recovery.py, docs/results.md): +1.1 points of
-# arc_easy + piqa accuracy [+0.3, +1.8], paired over 4,214 documents, for 2.3x the
-# fine-tuning time on a CPU. A model without some of these names adapts the ones it has.
-PIPELINE_LORA_TARGETS = (
+# The default adapter targets of the pipeline and of finetune: every linear layer of the
+# decoder blocks, found on the model itself (peft's "all-linear": the output head is left
+# out; on a Llama the seven attention and MLP projections q,k,v,o,gate,up,down, QLoRA's
+# and LLaMA-Factory's "all"; on a Phi-3 its fused qkv_proj and gate_up_proj; Mixtral's and
+# Qwen-MoE's experts too, service/adapters.py). Measured against SDFT's q_proj,v_proj on
+# self-data distillation of the 6-block prune of the builtin (bench/recovery.py,
+# docs/results.md): at rank 16, +1.1 points of arc_easy + piqa accuracy [+0.3, +1.8]
+# over rank 8 on q,v, paired over 4,214 documents, for 2.3x the fine-tuning time on a CPU.
+# SDFT's choice stays selectable: --target-modules q_proj,v_proj.
+DEFAULT_LORA_TARGETS = (ALL_LINEAR,)
+# What all-linear adapts on a Llama (the builtin): the probe of bench/recovery.py and
+# tests/test_cold_start.py name them.
+LLAMA_PROJECTIONS = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )  # fmt: skip
 
 
 class FinetuneSpec(Spec):
-    # Defaults from SDFT (sail-sg/sdft): LoRA on q_proj,v_proj, rank 8, lr 1e-4 cosine,
-    # effective batch 8. alpha 16 = 2 x rank (torchtune uses alpha 2r too).
+    # Defaults from SDFT (sail-sg/sdft): rank 8, lr 1e-4 cosine, effective batch 8; the
+    # targets are every linear layer (DEFAULT_LORA_TARGETS) where SDFT adapts q_proj,v_proj.
+    # alpha 16 = 2 x rank (torchtune uses alpha 2r too).
     model: Ref = Field(description="Model to fine-tune, usually the pruned one.")
     dataset: Ref = Field(description="Training rows (path or dataset id), e.g. distilled ones.")
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (SDFT: 8).")
     lora_alpha: float = Field(16, gt=0, le=4096, description="LoRA alpha (2 x rank).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         min_length=1,
         max_length=32,
-        description="Modules that get adapters (SDFT: q_proj,v_proj).",
+        description="Modules that get adapters. all-linear (default): every linear layer of "
+        "the decoder blocks, found on the model (the output head excluded; mixture-of-experts "
+        "experts included), measured better than SDFT's q_proj,v_proj (docs/results.md), "
+        "which stays selectable. A list must name modules the model has (422 otherwise, "
+        "listing them).",
     )
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate, cosine decay (SDFT).")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps warming up.")
@@ -292,11 +312,14 @@ class PipelineSpec(Spec):
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the fine-tune step.")
     lora_alpha: float = Field(32, gt=0, le=4096, description="LoRA alpha (2 x rank).")
     lora_targets: list[str] = Field(
-        default_factory=lambda: list(PIPELINE_LORA_TARGETS),
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         min_length=1,
         max_length=32,
-        description="Modules that get adapters: every attention and MLP projection "
-        "(measured better than SDFT's q_proj,v_proj; docs/results.md).",
+        description="Modules that get adapters. all-linear (default): every linear layer of "
+        "the decoder blocks, found on the model (the output head excluded; mixture-of-experts "
+        "experts included), measured better than SDFT's q_proj,v_proj (docs/results.md), "
+        "which stays selectable. A list must name modules the model has (422 otherwise, "
+        "listing them).",
     )
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     epochs: float = Field(1, gt=0, le=100)

@@ -50,12 +50,20 @@ def conversation(row: Row) -> list[dict[str, str]]:
     return msgs
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with its BOS token."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def render(tokenizer, row: Row) -> tuple[str, str]:
     """(prompt text, completion text); prompt + completion is the full conversation."""
     msgs = conversation(row)
     if tokenizer.chat_template is None:
-        # A base model without a template: Alpaca-style plain text, ending in EOS.
-        return f"{row.prompt}\n\n", f"{row.response}{tokenizer.eos_token or ''}"
+        # A base model without a template: Alpaca-style plain text, ending in EOS, after
+        # the BOS its tokenizer adds to any text (Gemma is lost without it).
+        bos = tokenizer.bos_token if adds_bos(tokenizer) else ""
+        return f"{bos}{row.prompt}\n\n", f"{row.response}{tokenizer.eos_token or ''}"
     prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(
         [*msgs, {"role": "assistant", "content": row.response}], tokenize=False

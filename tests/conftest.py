@@ -37,40 +37,16 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_llama_config(vocab_size: int, layers: int = 6, hidden: int = 64, **overrides):
-    """The one shape of every tiny Llama in the suite: 2 heads of 32 (vLLM-CPU's attention
-    refuses a head size of 16), 1 KV head, tied embeddings; ``overrides`` change any field."""
-    from transformers import LlamaConfig
-
-    fields = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    return LlamaConfig(**{**fields, **overrides})
-
-
 def build_tiny_llama(
     out: Path, tokenizer_dir: Path, layers: int = 6, hidden: int = 64, seed: int = 0,
     **overrides,
 ) -> Path:  # fmt: skip
-    """A tiny random Llama with the builtin's tokenizer, saved to ``out``."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    """A tiny random Llama (tied embeddings, two heads of 32): ``tests/tiny_models.py``
+    builds every family's tiny model; ``overrides`` change config fields."""
+    from tests.tiny_models import build_tiny
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    cfg = tiny_llama_config(len(tok), layers, hidden, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, pad_token_id=pad, **overrides)  # fmt: skip
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny("llama", out, tokenizer_dir, layers=layers, hidden=hidden, seed=seed,
+                      **overrides)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.specs import PIPELINE_LORA_TARGETS
+from service.specs import LLAMA_PROJECTIONS
 from tests.redis_fixture import wait_for
 from tests.test_service_up import start_up, stop, wait_ready
 
@@ -147,10 +147,8 @@ def test_pipeline_from_an_empty_home(tmp_path, monkeypatch):
     recovered = load_file(next((models / arts["recovered"] / "model").glob("*.safetensors")))
     moved = [k for k in pruned if not torch.equal(pruned[k], recovered[k])]
     # Only the adapted projections moved (merged LoRA), never embeddings or norms.
-    assert moved and all(any(t in k for t in PIPELINE_LORA_TARGETS) for k in moved)
-    assert {t for t in PIPELINE_LORA_TARGETS if any(t in k for k in moved)} == set(
-        PIPELINE_LORA_TARGETS
-    )
+    assert moved and all(any(t in k for t in LLAMA_PROJECTIONS) for k in moved)
+    assert {t for t in LLAMA_PROJECTIONS if any(t in k for k in moved)} == set(LLAMA_PROJECTIONS)
 
 
 def test_a_relative_home_is_made_absolute(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from service.datasets import parse_rows
 from service.errors import CancelledError, SpecError
 from service.finetune import checkpoint_path, run_finetune
 from service.progress import Reporter
-from service.specs import FinetuneSpec
+from service.specs import LLAMA_PROJECTIONS, FinetuneSpec
 from service.train_data import IGNORE, collate, plan_epoch, tokenise_row, tokenise_rows
 
 END = "<|im_end|>"  # SmolLM2's end-of-turn token
@@ -165,9 +165,14 @@ def test_loss_falls_and_output_is_a_plain_merged_model(tiny_llama, alpaca_file, 
     assert before.keys() == after.keys()
     assert not any("lora" in k or "base_layer" in k for k in after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {
-        f"model.layers.{i}.self_attn.{m}.weight" for i in range(6) for m in ("q_proj", "v_proj")
-    }
+    # The default adapter (all-linear): every projection of every block, and the metrics
+    # say so.
+    paths = [f"{'self_attn' if m[0] in 'qkvo' else 'mlp'}.{m}" for m in LLAMA_PROJECTIONS]
+    assert changed == {f"model.layers.{i}.{p}.weight" for i in range(6) for p in paths}
+    assert result["adapted_modules"] == {
+        "modules": sorted(paths), "parameters": [], "not_adapted": [],
+    }  # fmt: skip
+    assert log["adapted_modules"] == result["adapted_modules"]
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.isfinite(model(ids).logits).all()

@@ -14,7 +14,7 @@ from service.flops import (
     forward_flops_per_token,
     with_layers,
 )
-from tests.conftest import tiny_llama_config
+from tests.tiny_models import tiny_llama_config
 
 # hidden 8, intermediate 16, 2 blocks, 2 heads of 4, 1 kv head, vocab 10, untied head.
 SMALL = {

