@@ -99,9 +99,10 @@ class Settings(BaseSettings):
         default=None,
         ge=16,
         le=512,
-        description="Tokens per KV-cache block of a vLLM teacher. Unset: vLLM's own choice "
-        "(128 on a CPU). Only whole blocks enter the prefix cache, so it is also the "
-        "granularity at which a preempted row's prompt is found again (bench/preempt_cost.py).",
+        description="Tokens per KV-cache block of a vLLM teacher. Unset: 32 on a CPU (vLLM-CPU "
+        "would take 128), vLLM's own choice on a GPU. Only whole blocks enter the prefix "
+        "cache, so it is also the granularity at which a preempted row's prompt is found "
+        "again (bench/preempt_cost.py).",
     )
     vllm_enforce_eager: bool | None = Field(
         default=None,
