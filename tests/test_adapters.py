@@ -92,9 +92,9 @@ def test_the_finetune_job_refuses_a_list_the_model_lacks(tiny, alpaca_file, tmp_
 def test_submission_answers_422_with_the_models_module_names(
     api, tiny, session_home, tenant_key, tmp_path
 ):
+    from service.models import import_model
     from service.store import ArtifactStore
     from tests.test_trust import error, upload
-    from workers.outputs import import_model
 
     store = ArtifactStore(session_home)
     phi3 = import_model(store, tenant_key[0], tiny["phi3"])["id"]
