@@ -145,7 +145,8 @@ def serve(engine: HFEngine, fail_first: int):
 
     app = FastAPI()
     state = {"calls": 0, "inflight": 0, "max_inflight": 0, "bodies": []}
-    lock, gen_lock = threading.Lock(), threading.Lock()
+    # lock: also lets a request wait for another to be in flight (their overlap)
+    lock, gen_lock = threading.Condition(), threading.Lock()
 
     @app.get("/v1/models")
     def models():
@@ -159,6 +160,7 @@ def serve(engine: HFEngine, fail_first: int):
             state["inflight"] += 1
             state["max_inflight"] = max(state["max_inflight"], state["inflight"])
             state["bodies"].append(body)
+            lock.notify_all()
         try:
             if call <= fail_first:
                 return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
@@ -169,7 +171,8 @@ def serve(engine: HFEngine, fail_first: int):
                 prefill, msgs = msgs[-1]["content"], msgs[:-1]
             req = Request(tuple((m["role"], m["content"]) for m in msgs), prefill=prefill)
             params = GenParams(body["max_tokens"], body["temperature"], body["top_p"])
-            time.sleep(0.05)  # let concurrent requests overlap
+            with lock:  # overlap with another request when one comes (a lone one goes on)
+                lock.wait_for(lambda: state["inflight"] > 1, timeout=0.5)
             with gen_lock:
                 g = engine.generate([req], params, seeds=[body["seed"]])[0]
             return {
