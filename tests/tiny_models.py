@@ -75,6 +75,19 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+def shared_fields(vocab_size: int, layers: int, hidden: int) -> dict[str, Any]:
+    """The config fields every family's tiny model shares (two query heads of 32)."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 2048,
+    }
+
+
 def build_tiny(
     family: str,
     out: Path,
@@ -93,13 +106,7 @@ def build_tiny(
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     fields: dict[str, Any] = {
-        "vocab_size": len(tok),
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 2048,
+        **shared_fields(len(tok), layers, hidden),
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": pad,
@@ -121,14 +128,5 @@ def tiny_llama_config(vocab_size: int, layers: int = 6, hidden: int = 64, **over
     model in memory (tests/test_flops.py); ``overrides`` change any field."""
     from transformers import LlamaConfig
 
-    fields: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 2048,
-        **FAMILIES["llama"][2],
-    }
-    return LlamaConfig(**{**fields, **overrides})
+    return LlamaConfig(**{**shared_fields(vocab_size, layers, hidden), **FAMILIES["llama"][2],
+                          **overrides})  # fmt: skip
